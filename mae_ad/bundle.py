@@ -1,0 +1,173 @@
+"""The model bundle: one directory with weights, resolved config, calibration and a JSON of what made it.
+
+Bundles are written into a temporary sibling directory and renamed into place, so a crash never leaves half a
+bundle, and an existing bundle is never overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import Config, config_from_dict, dump_config, read_yaml
+from .contract import (
+    BUNDLE_CALIB_TENSORS,
+    BUNDLE_CALIBRATION,
+    BUNDLE_CONFIG,
+    BUNDLE_FORMAT_VERSION,
+    BUNDLE_META,
+    BUNDLE_WEIGHTS,
+    UserError,
+    read_bundle_meta,
+    sha256_file,
+    write_json_atomic,
+)
+from .lora import has_lora_state
+from .model import MaskedAutoencoderViT, build_model
+from .scoring import Scorer
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    out = {"mae_ad": __version__, "torch": torch.__version__, "timm": timm.__version__,
+           "python": platform.python_version()}
+    try:
+        import loralib  # noqa: F401
+        from importlib.metadata import version
+
+        out["loralib"] = version("loralib")
+    except Exception:  # pragma: no cover - metadata missing
+        pass
+    return out
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike[str], what: str = "bundle") -> Iterator[Path]:
+    """Yield a temporary directory next to `out`; on success rename it to `out`. Refuses an existing `out`
+    that is not empty."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the {what} (choose another --out)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_bundle_files(
+    d: Path, model: MaskedAutoencoderViT, cfg: Config, calibration: dict[str, Any] | None,
+    scorer: Scorer | None = None, extra_meta: dict[str, Any] | None = None,
+) -> None:
+    """Write the bundle files into an existing (staging) directory."""
+    save_file(state_for_save(model), str(d / BUNDLE_WEIGHTS))
+    (d / BUNDLE_CONFIG).write_text(dump_config(cfg))
+    if calibration is not None:
+        write_json_atomic(d / BUNDLE_CALIBRATION, calibration)
+        if scorer is not None and scorer.normalize:
+            save_file({"map_mean": scorer.map_mean.detach().cpu().contiguous(),
+                       "map_std": scorer.map_std.detach().cpu().contiguous()}, str(d / BUNDLE_CALIB_TENSORS))
+    from .lora import has_lora
+
+    meta = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "kind": "mae_ad.bundle",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "name": cfg.name,
+        "model_id": f"{cfg.name}-{sha256_file(d / BUNDLE_WEIGHTS)[:12]}",
+        "weights_sha256": sha256_file(d / BUNDLE_WEIGHTS),
+        "lora": has_lora(model),
+        "merged": False,
+        "input": {"size": cfg.model.img_size, "channels": 3, "layout": "NCHW", "range": [0, 1],
+                  "colour": "RGB", "mean": list(cfg.data.mean), "std": list(cfg.data.std)},
+        "scoring": cfg.scoring.model_dump(mode="json"),
+        "calibrated": calibration is not None,
+        "versions": versions(),
+    }
+    meta.update(extra_meta or {})
+    write_json_atomic(d / BUNDLE_META, meta)
+
+
+def save_bundle(out: str | os.PathLike[str], model: MaskedAutoencoderViT, cfg: Config,
+                calibration: dict[str, Any] | None, scorer: Scorer | None = None,
+                extra_meta: dict[str, Any] | None = None) -> Path:
+    with staged_dir(out) as d:
+        write_bundle_files(d, model, cfg, calibration, scorer, extra_meta)
+    return Path(out)
+
+
+def load_bundle_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    read_bundle_meta(p)
+    return config_from_dict(read_yaml(p / BUNDLE_CONFIG), str(p / BUNDLE_CONFIG))
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read safetensors weights ({e})") from None
+
+
+def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Config, MaskedAutoencoderViT, dict]:
+    """Load (config, model in eval mode, meta). The architecture is built from the bundle's own config; LoRA
+    layers are built only if the weights contain adapters (a merged bundle loads into plain linears)."""
+    p = Path(path)
+    meta = read_bundle_meta(p)
+    cfg = load_bundle_config(p)
+    state = load_state(p / BUNDLE_WEIGHTS)
+    mcfg = cfg.model
+    if not has_lora_state(state) and mcfg.lora.rank > 0:
+        mcfg = mcfg.model_copy(update={"lora": mcfg.lora.model_copy(update={"rank": 0})})
+    model = build_model(mcfg)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise UserError(
+            f"{p / BUNDLE_WEIGHTS}: weights do not match the architecture in {BUNDLE_CONFIG}: "
+            f"missing {len(result.missing_keys)} ({', '.join(result.missing_keys[:5])}), "
+            f"unexpected {len(result.unexpected_keys)} ({', '.join(result.unexpected_keys[:5])})"
+        )
+    return cfg, model.to(device).eval(), meta
+
+
+def load_scorer(path: str | os.PathLike[str], device: str = "cpu", require_calibration: bool = False
+                ) -> tuple[Scorer, dict[str, Any] | None, dict]:
+    """Load a bundle as a ready Scorer. Returns (scorer, calibration or None, meta)."""
+    from .contract import read_calibration
+
+    p = Path(path)
+    cfg, model, meta = load_bundle(p, device)
+    scorer = Scorer(model, cfg).to(device).eval()
+    cal = None
+    if (p / BUNDLE_CALIBRATION).is_file() or require_calibration:
+        cal = read_calibration(p)
+    if scorer.normalize:
+        tpath = p / BUNDLE_CALIB_TENSORS
+        if tpath.is_file():
+            t = load_state(tpath)
+            scorer.set_normal_stats(t["map_mean"], t["map_std"])
+        elif cal is not None:
+            raise UserError(f"{tpath}: missing; scoring.normalize=position needs the normal statistics")
+    return scorer, cal, meta

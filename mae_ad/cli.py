@@ -1,0 +1,182 @@
+"""The `mae-ad` command line: the one place that wires the stages together.
+
+Each command imports what it needs inside its body, so `mae-ad --help` and the agent's commands never load torch.
+User mistakes (UserError) print one line `error: ...` on stderr and exit with code 2, without a traceback.
+The compile stage (trt/cli.py) and the watch stage (agent/cli.py) add their commands through `register(app)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .contract import UserError
+
+app = typer.Typer(
+    name="mae-ad",
+    help="Learn what good parts look like (LoRA-MAE), compile it for the edge (ONNX/TensorRT), watch the line (MQTT).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (see configs/)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+@app.command("validate-config")
+def validate_config(
+    file: Annotated[Path, typer.Argument(help="config YAML to check")],
+    set_: SetOpt = None,
+    kind: Annotated[str, typer.Option(help="model (training config) or agent (agent config); auto by content")] = "auto",
+) -> None:
+    """Check a config file; print the resolved configuration or the key at fault."""
+    from .config import dump_config, load_config, read_yaml
+
+    if kind == "auto":
+        data = read_yaml(file)
+        kind = "agent" if ("cameras" in data or "mqtt" in data) else "model"
+    if kind == "agent":
+        from agent.config import dump_agent_config, load_agent_config
+
+        typer.echo(dump_agent_config(load_agent_config(file, set_)))
+    elif kind == "model":
+        typer.echo(dump_config(load_config(file, set_)))
+    else:
+        raise UserError(f"--kind {kind!r}: expected auto, model or agent")
+    typer.echo(f"# {file}: OK", err=True)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", "-d", help="dataset root (MVTec, BTAD or good/bad layout)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to create")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[Path | None, typer.Option(help="resume from a run's checkpoint directory")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Train on normal images only, calibrate on held-back normal images, write a model bundle."""
+    setup_logging(verbose)
+    from .config import load_config
+    from .train import run_training
+
+    cfg = load_config(config, set_)
+    bundle = run_training(cfg, data, out, resume=resume)
+    typer.echo(str(bundle))
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Argument(help="model bundle")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="dataset root with test/ (and ground_truth/)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="report directory to create")],
+    batch_size: Annotated[int, typer.Option(help="images per scoring batch")] = 8,
+    verbose: Verbose = False,
+) -> None:
+    """Image/pixel AUROC, AUPRO, F1 at the calibrated threshold; metrics.json, report.md and plots."""
+    setup_logging(verbose)
+    from .evaluate import run_evaluation
+
+    metrics = run_evaluation(bundle, data, out, batch_size=batch_size)
+    typer.echo(" ".join(f"{k}={metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1")
+                        if isinstance(metrics.get(k), float)))
+
+
+@app.command()
+def predict(
+    bundle: Annotated[Path, typer.Argument(help="model bundle")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    verbose: Verbose = False,
+) -> None:
+    """Score images: anomaly maps, heatmap overlays and a scores.csv."""
+    setup_logging(verbose)
+    from .evaluate import run_predict
+
+    run_predict(bundle, images, out)
+
+
+@app.command("prepare-data")
+def prepare_data(
+    out: Annotated[Path, typer.Option("--out", "-o", help="MVTec-layout dataset to create")],
+    good: Annotated[list[Path], typer.Option("--good", help="folder of normal images (repeatable)")],
+    defect: Annotated[list[str] | None, typer.Option(
+        "--defect", help="TYPE=IMAGES_DIR[:MASKS_DIR] (repeatable)")] = None,
+    test_fraction: Annotated[float, typer.Option(help="share of normal images kept for test/good")] = 0.2,
+    seed: int = 0,
+) -> None:
+    """Build the MVTec layout from loose folders (clashing names renamed, masks checked)."""
+    from .prepare import prepare_dataset
+
+    root = prepare_dataset(out, good, defect or [], test_fraction=test_fraction, seed=seed)
+    typer.echo(str(root))
+
+
+@app.command()
+def bench(
+    what: Annotated[str, typer.Argument(help="scoring | train | all")] = "all",
+    presets: Annotated[str, typer.Option(help="comma-separated presets")] = "tiny-p8,small-p8",
+    out: Annotated[Path | None, typer.Option(help="write results JSON here")] = None,
+    seconds: Annotated[float, typer.Option(help="time per measurement")] = 10.0,
+) -> None:
+    """Throughput on this machine as a fraction of a large fp32 matmul measured in the same run."""
+    from .bench import run_bench
+
+    run_bench(what, [p.strip() for p in presets.split(",") if p.strip()], out, seconds)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="demo output directory")] = Path("demo_out"),
+    minutes: Annotated[float, typer.Option(help="training time budget")] = 2.0,
+    fresh: Annotated[bool, typer.Option(help="delete a previous demo output first")] = True,
+) -> None:
+    """The whole product on an embedded default: synthetic data, a quickly trained model, its report."""
+    setup_logging(False)
+    from .demo import run_demo
+
+    run_demo(out, minutes=minutes, fresh=fresh)
+
+
+def _register_stages() -> None:
+    for mod in ("trt.cli", "agent.cli"):
+        try:
+            module = __import__(mod, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == mod or mod.startswith(e.name + ".")):
+                continue
+            raise
+        module.register(app)
+
+
+_register_stages()
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

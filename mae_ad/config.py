@@ -1,0 +1,274 @@
+"""Typed, validated configuration for the learning stage, loaded from YAML with `section.key=value` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key and the file. Cross-field rules
+(image size divisible by the patch size, a mask pattern that partitions the patch grid) are checked at load time.
+No torch import here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .contract import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Architecture presets. `model.preset` fills every architecture key the YAML does not set itself.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ViT-Tiny encoder, 4x256 decoder, 224 px, patch 8 (28x28 patches): the CPU / test default.
+    "tiny-p8": dict(
+        img_size=224, patch_size=8, embed_dim=192, depth=12, num_heads=3,
+        decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+    ),
+    # ViT-Small encoder, 4x256 decoder, 224 px, patch 8.
+    "small-p8": dict(
+        img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6,
+        decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+    ),
+    # ViT-Base encoder (official MAE base checkpoint fits), MAE-sized 8x512 decoder, 224 px, patch 8.
+    "base-p8": dict(
+        img_size=224, patch_size=8, embed_dim=768, depth=12, num_heads=12,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+    ),
+    # The reference design: ViT-L, patch 7, 32x32 patches at 224 px, MAE-sized decoder.
+    "large-p7": dict(
+        img_size=224, patch_size=7, embed_dim=1024, depth=24, num_heads=16,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+    ),
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Section):
+    """LoRA adapters (loralib) on the attention `qkv` and `proj` linears, optionally the MLP linears too."""
+
+    rank: int = Field(4, ge=0, description="0 disables LoRA (plain linears)")
+    alpha: float = Field(1.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    where: Literal["encoder", "decoder", "both"] = "both"
+    mlp: bool = False
+    # Freeze the encoder's base weights: only LoRA matrices (plus what is listed below) train. The decoder stays
+    # trainable by default: the official MAE checkpoints carry no decoder, and a random decoder frozen behind
+    # rank-4 adapters cannot learn to reconstruct anything.
+    freeze_non_lora: bool = False
+    train_decoder: bool = True
+    train_patch_embed: bool = True  # the patch embedding is resampled to a new patch size: let it adapt
+
+
+class ModelConfig(Section):
+    preset: str | None = "tiny-p8"
+    img_size: int = Field(224, ge=16)
+    patch_size: int = Field(8, ge=2)
+    in_chans: int = Field(3, ge=1)
+    embed_dim: int = Field(192, ge=8)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(3, ge=1)
+    decoder_embed_dim: int = Field(256, ge=8)
+    decoder_depth: int = Field(4, ge=1)
+    decoder_num_heads: int = Field(8, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    qkv_bias: bool = True
+    norm_pix_loss: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    # Local pretrained weights: official MAE `.pth` (key `model`, encoder only) or timm ViT `.safetensors`.
+    pretrained: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "tiny-p8")
+        if preset is None:
+            return data
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        return {**PRESETS[preset], **data}
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        for dim, heads, name in (
+            (self.embed_dim, self.num_heads, "embed_dim/num_heads"),
+            (self.decoder_embed_dim, self.decoder_num_heads, "decoder_embed_dim/decoder_num_heads"),
+        ):
+            if dim % heads:
+                raise ValueError(f"{name}: {dim} is not divisible by {heads} heads")
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+class ScoringConfig(Section):
+    """The K-mask inference scoring shared by evaluation, ONNX, TensorRT and the agent."""
+
+    num_masks: int = Field(4, ge=2, description="K masks that partition the patch grid")
+    pattern: Literal["stripes", "grid"] = "stripes"
+    sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the error map, in pixels (0 = off)")
+    reduce: Literal["max", "topk_mean"] = "max"
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="for reduce=topk_mean: share of pixels averaged")
+    normalize: Literal["none", "position"] = "none"  # per-pixel z-score against normal calibration images
+
+
+class DataConfig(Section):
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    hflip: bool = False  # training augmentation; off by default (parts are presented consistently)
+    num_workers: int = Field(0, ge=0)
+    cache: bool = True  # keep decoded, resized training images in memory
+
+
+class TrainConfig(Section):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    accum_iter: int = Field(1, ge=1)
+    blr: float = Field(1.5e-4, gt=0, description="base LR; lr = blr * effective batch / 256 unless lr is set")
+    lr: float | None = Field(None, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    clip_grad: float | None = Field(None, gt=0)
+    seed: int = 0
+    bf16: bool = False
+    max_minutes: float | None = Field(None, gt=0, description="stop training after this wall time")
+    log_every: int = Field(10, ge=1, description="steps between log rows")
+    checkpoint_every: int = Field(10, ge=1, description="epochs between resumable checkpoints")
+    tensorboard: bool = True
+
+
+class CalibrationConfig(Section):
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of train/good held back for calibration")
+    min_holdout: int = Field(4, ge=1)
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="false-alarm rate on normal images the threshold aims at")
+
+
+class Config(Section):
+    name: str = "mae-ad"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @model_validator(mode="after")
+    def _check_partition(self) -> Config:
+        check_partition(self.model.grid_size, self.scoring.num_masks, self.scoring.pattern)
+        if self.model.in_chans != 3:
+            raise ValueError("model.in_chans: only 3 (RGB; grayscale images are converted) is supported")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def check_partition(grid: int, k: int, pattern: str) -> None:
+    """Raise ValueError (naming the keys) if `pattern` cannot split a `grid`x`grid` patch grid into `k` equal masks."""
+    if pattern == "stripes":
+        if grid % k:
+            raise ValueError(
+                f"scoring.num_masks={k} with pattern 'stripes' needs the patch grid side ({grid}) to be a multiple "
+                f"of {k}; change model.img_size/model.patch_size or scoring.num_masks"
+            )
+    elif pattern == "grid":
+        s = math.isqrt(k)
+        if s * s != k or grid % s:
+            raise ValueError(
+                f"scoring.num_masks={k} with pattern 'grid' needs a square K (4, 9, 16...) whose root divides the "
+                f"patch grid side ({grid})"
+            )
+    else:
+        raise ValueError(f"scoring.pattern: unknown pattern {pattern!r}")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid configuration: " + "; ".join(parts)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        node = data
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: {p} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: top level must be a mapping of sections")
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load and validate a config file (or the defaults when `path` is None), then apply `--set` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        source += " (with --set " + ", ".join(overrides) + ")"
+    return config_from_dict(apply_overrides(data, overrides), source)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,172 @@
+"""The K-mask anomaly scorer: image in, anomaly map and score out. One nn.Module that every stage runs.
+
+Evaluation, `predict`, the ONNX graph (and so the TensorRT engine) and the agent's PyTorch backend all call
+`Scorer.forward`, so they cannot drift apart. Everything data-independent (the K masks, the Gaussian kernel, the
+normalisation, the calibration maps) is a buffer: the exported graph holds them as constants.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .masking import inference_masks, masks_to_ids
+from .model import MaskedAutoencoderViT
+
+
+def gaussian_kernel1d(sigma: float, max_radius: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian, radius ceil(3 sigma) capped at `max_radius` (so reflect padding stays valid)."""
+    radius = max(1, min(int(math.ceil(3 * sigma)), max_radius))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian smoothing of [B, 1, H, W] maps with reflect padding: output keeps the input size."""
+    r = kernel.numel() // 2
+    x = F.pad(maps, (r, r, 0, 0), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, r, r), mode="reflect")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+class Scorer(nn.Module):
+    """K-mask reconstruction scoring.
+
+    forward(image [B, 3, H, W] float RGB in [0, 1]) -> (anomaly_map [B, 1, H, W], score [B]).
+    """
+
+    def __init__(self, model: MaskedAutoencoderViT, cfg: Config):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        sc = cfg.scoring
+        grid, size = model.grid, cfg.model.img_size
+        masks = inference_masks(grid, sc.num_masks, sc.pattern)  # [K, L] bool
+        ids_keep, ids_restore = masks_to_ids(masks)
+        self.num_masks = sc.num_masks
+        self.register_buffer("ids_keep", ids_keep)  # [K, L_keep]
+        self.register_buffer("ids_restore", ids_restore)  # [K, L]
+        self.register_buffer("assign", masks.float().view(1, sc.num_masks, -1, 1))  # [1, K, L, 1]
+        self.register_buffer("pix_mean", torch.tensor(cfg.data.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pix_std", torch.tensor(cfg.data.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.smooth = sc.sigma > 0
+        self.register_buffer("kernel", gaussian_kernel1d(sc.sigma, size - 1) if self.smooth else torch.ones(1))
+        self.normalize = sc.normalize == "position"
+        self.register_buffer("map_mean", torch.zeros(1, 1, size, size))
+        self.register_buffer("map_std", torch.ones(1, 1, size, size))
+        self.reduce = sc.reduce
+        self.topk = max(1, int(round(sc.topk_fraction * size * size)))
+
+    # --- pieces ---------------------------------------------------------------------------------------------
+    def normalise_input(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.pix_mean) / self.pix_std
+
+    def reconstruct_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, 3, H, W] -> each patch's reconstruction from the one mask that hid it [B, L, P],
+        in the same (normalised pixel) space as the input. All K masked copies run in one batched pass."""
+        m = self.model
+        b = x.shape[0]
+        tokens = m.embed(x)  # [B, L, D]
+        k, keep = self.ids_keep.shape
+        visible = tokens[:, self.ids_keep].reshape(b * k, keep, tokens.shape[-1])  # [B*K, L_keep, D]
+        ids_restore = self.ids_restore.unsqueeze(0).expand(b, -1, -1).reshape(b * k, -1)  # [B*K, L]
+        pred = m.decode(m.encode(visible), ids_restore)  # [B*K, L, P]
+        pred = pred.reshape(b, k, pred.shape[1], pred.shape[2])
+        pred = (pred * self.assign).sum(dim=1)  # [B, L, P]: patch l from the mask that hid it
+        if m.cfg.norm_pix_loss:  # predictions are per-patch normalised: undo with the patch's own statistics
+            t = m.patchify(x)
+            pred = pred * (t.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + t.mean(dim=-1, keepdim=True)
+        return pred
+
+    def raw_map(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-pixel squared error averaged over channels, smoothed; before the calibration normalisation."""
+        x = self.normalise_input(image)
+        pred = self.reconstruct_patches(x)
+        err = (pred - self.model.patchify(x)) ** 2  # [B, L, P]
+        err = self.model.unpatchify(err, channels=x.shape[1]).mean(dim=1, keepdim=True)  # [B, 1, H, W]
+        if self.smooth:
+            err = gaussian_blur(err, self.kernel)
+        return err
+
+    def reduce_map(self, amap: torch.Tensor) -> torch.Tensor:
+        flat = amap.flatten(1)
+        if self.reduce == "max":
+            return flat.amax(dim=1)
+        return torch.topk(flat, self.topk, dim=1).values.mean(dim=1)
+
+    # --- the graph ---------------------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = self.raw_map(image)
+        if self.normalize:
+            amap = (amap - self.map_mean) / self.map_std
+        return amap, self.reduce_map(amap)
+
+    @torch.no_grad()
+    def reconstruction(self, image: torch.Tensor) -> torch.Tensor:
+        """The K-mask reconstruction as an RGB image in [0, 1] (for reports)."""
+        x = self.normalise_input(image)
+        rec = self.model.unpatchify(self.reconstruct_patches(x), channels=x.shape[1])
+        return (rec * self.pix_std + self.pix_mean).clamp(0, 1)
+
+    def set_normal_stats(self, mean_map: torch.Tensor, std_map: torch.Tensor) -> None:
+        self.map_mean.copy_(mean_map.view_as(self.map_mean))
+        self.map_std.copy_(std_map.view_as(self.map_std))
+
+
+@torch.no_grad()
+def score_batches(scorer: Scorer, images: torch.Tensor, batch_size: int = 8, raw: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score a stack of images [N, 3, H, W] in batches. Returns (maps [N, 1, H, W], scores [N])."""
+    maps, scores = [], []
+    for i in range(0, images.shape[0], batch_size):
+        chunk = images[i:i + batch_size]
+        if raw:
+            m = scorer.raw_map(chunk)
+            s = scorer.reduce_map(m)
+        else:
+            m, s = scorer(chunk)
+        maps.append(m)
+        scores.append(s)
+    return torch.cat(maps), torch.cat(scores)
+
+
+@torch.no_grad()
+def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_size: int = 8) -> dict[str, Any]:
+    """Fit the decision threshold (and, with scoring.normalize=position, the per-pixel normal statistics) on
+    held-back normal images only. With position normalisation the images are split in two halves: the statistics
+    come from the first, the threshold from the second, so the threshold is not set on images the statistics saw.
+    """
+    n = images.shape[0]
+    if n < 2:
+        raise ValueError(f"calibration needs at least 2 normal images, got {n}")
+    scorer.eval()
+    stats_n = 0
+    if scorer.normalize:
+        stats_n = n // 2
+        raw, _ = score_batches(scorer, images[:stats_n], batch_size, raw=True)
+        mean = raw.mean(dim=0, keepdim=True)
+        std = raw.std(dim=0, keepdim=True) if stats_n > 1 else torch.ones_like(mean)
+        floor = std.flatten().median().clamp_min(1e-8) * 0.25  # avoid dividing by ~0 where all normals agree
+        scorer.set_normal_stats(mean, torch.maximum(std, floor))
+    _, scores = score_batches(scorer, images[stats_n:], batch_size)
+    s = scores.double().cpu().numpy()
+    threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
+    return {
+        "threshold": threshold,
+        "target_fpr": target_fpr,
+        "n_images": int(n),
+        "n_threshold_images": int(len(s)),
+        "n_stats_images": int(stats_n),
+        "normal_score_mean": float(s.mean()),
+        "normal_score_std": float(s.std()),
+        "normal_score_max": float(s.max()),
+        "method": "quantile(1 - target_fpr) of held-back normal scores",
+    }
