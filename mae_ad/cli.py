@@ -153,6 +153,47 @@ def demo(
     run_demo(out, minutes=minutes, fresh=fresh)
 
 
+@app.command()
+def sweep(
+    space: Annotated[Path, typer.Argument(help="YAML search space: dotted config keys -> lists of values")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="dataset root (train/good and test/)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="sweep directory to create")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    mode: Annotated[str, typer.Option(help="grid (every combination) or random")] = "grid",
+    trials: Annotated[int | None, typer.Option(help="random: number of draws; grid: stop after this many")] = None,
+    seed: Annotated[int, typer.Option(help="random-search seed")] = 0,
+    verbose: Verbose = False,
+) -> None:
+    """Train and evaluate each trial of a small search; results in OUT/results.csv (and TensorBoard hparams)."""
+    setup_logging(verbose)
+    from .sweep import run_sweep
+
+    rows = run_sweep(space, data, out, config=config, overrides=set_, mode=mode, trials=trials, seed=seed)
+    typer.echo(f"{out / 'results.csv'}: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} trials ok")
+
+
+@app.command()
+def baseline(
+    data: Annotated[Path, typer.Option("--data", "-d", help="dataset root (train/good and test/)")],
+    size: Annotated[int, typer.Option(help="image size in pixels")] = 224,
+    patch: Annotated[int, typer.Option(help="cell size of the patch statistics")] = 8,
+    sigma: Annotated[float, typer.Option(help="Gaussian smoothing of the map, pixels")] = 4.0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """The training-free patch-statistics baseline: image/pixel AUROC, AUPRO and F1 on a dataset's test set."""
+    setup_logging(verbose)
+    from .baseline import score_dataset
+    from .contract import write_json_atomic
+
+    metrics = score_dataset(data, size=size, patch=patch, sigma=sigma).metrics
+    if out is not None:
+        write_json_atomic(out, metrics)
+    typer.echo(" ".join(f"{k}={metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1")
+                        if isinstance(metrics.get(k), float)))
+
+
 def _register_stages() -> None:
     for mod in ("trt.cli", "agent.cli"):
         try:

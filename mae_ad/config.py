@@ -43,6 +43,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
     ),
 }
+# Shallow-decoder variants of tiny-p8 (docs/variants.md): the decoder takes most of the FLOPs of a tiny MAE.
+PRESETS["tiny-p8-d1"] = {**PRESETS["tiny-p8"], "decoder_depth": 1}
+PRESETS["tiny-p8-d2"] = {**PRESETS["tiny-p8"], "decoder_depth": 2}
 
 
 class Section(BaseModel):
@@ -82,6 +85,15 @@ class ModelConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Local pretrained weights: official MAE `.pth` (key `model`, encoder only) or timm ViT `.safetensors`.
     pretrained: str | None = None
+    # --- variants (docs/variants.md); every default keeps the plain MAE ---------------------------------------
+    pos_embed: Literal["sincos", "hybrid"] = "sincos"  # hybrid: fixed 2-D sin-cos + a learnable zero-init term
+    norm: Literal["layernorm", "dyt"] = "layernorm"  # dyt: weight * tanh(alpha * x) + bias, learnable scalar alpha
+    multiscale: list[int] = Field(default_factory=list, description="encoder block indices fused for the decoder")
+    multiscale_fusion: Literal["mean", "linear"] = "mean"
+    num_registers: int = Field(0, ge=0, description="learned register tokens in the encoder (0 = off)")
+    gmm_components: int = Field(0, ge=0, description="Gaussian mixture density head on patch embeddings (0 = off)")
+    gmm_loss_weight: float = Field(1.0, ge=0, description="weight of the GMM negative log-likelihood loss term")
+    ssim_loss_weight: float = Field(0.0, ge=0, description="weight of the (1 - SSIM) loss on masked pixels")
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +117,10 @@ class ModelConfig(Section):
         ):
             if dim % heads:
                 raise ValueError(f"{name}: {dim} is not divisible by {heads} heads")
+        bad = [i for i in self.multiscale if not 0 <= i < self.depth]
+        if bad or len(set(self.multiscale)) != len(self.multiscale):
+            raise ValueError(f"multiscale: {self.multiscale} must be distinct encoder block indices in "
+                             f"0..{self.depth - 1} (model.depth={self.depth})")
         return self
 
     @property
@@ -125,6 +141,10 @@ class ScoringConfig(Section):
     reduce: Literal["max", "topk_mean"] = "max"
     topk_fraction: float = Field(0.01, gt=0, le=1, description="for reduce=topk_mean: share of pixels averaged")
     normalize: Literal["none", "position"] = "none"  # per-pixel z-score against normal calibration images
+    # map = (1 - ssim_weight) * squared error + ssim_weight * (1 - SSIM) / 2 (local SSIM, Gaussian window)
+    ssim_weight: float = Field(0.0, ge=0, le=1, description="share of the structural (1 - SSIM) map (0 = off)")
+    ssim_sigma: float = Field(1.5, gt=0, description="Gaussian window sigma of the SSIM map, in pixels")
+    gmm_weight: float = Field(0.0, ge=0, description="weight of the GMM head's per-patch NLL in the map (0 = off)")
 
 
 class DataConfig(Section):
@@ -146,6 +166,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     mask_ratio: float = Field(0.75, gt=0, lt=1)
+    # random: MAE scattered patches; block: contiguous square blocks; mixed: per batch random, block or an
+    # inference-like lattice-phase mask hiding 25-50% (model.forward(..., mask_mode=cfg.train.mask_mode))
+    mask_mode: Literal["random", "block", "mixed"] = "random"
     clip_grad: float | None = Field(None, gt=0)
     seed: int = 0
     bf16: bool = False
@@ -174,6 +197,8 @@ class Config(Section):
         check_partition(self.model.grid_size, self.scoring.num_masks, self.scoring.pattern)
         if self.model.in_chans != 3:
             raise ValueError("model.in_chans: only 3 (RGB; grayscale images are converted) is supported")
+        if self.scoring.gmm_weight > 0 and self.model.gmm_components == 0:
+            raise ValueError("scoring.gmm_weight > 0 needs a GMM head: set model.gmm_components (e.g. 4)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

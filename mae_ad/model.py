@@ -15,7 +15,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .lora import apply_lora, configure_trainable
-from .masking import random_masking_ids
+from .masking import random_masking_ids, training_masking_ids
+from .variants import DyT, GMMHead, gaussian_window, ssim_map
 
 
 def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -51,8 +52,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_size = p
         self.grid = cfg.grid_size
         self.num_patches = cfg.num_patches
+        norm_layer: type[nn.Module] = DyT if cfg.norm == "dyt" else _LayerNorm6
         block = lambda dim, heads: Block(  # noqa: E731
-            dim, heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, norm_layer=_LayerNorm6
+            dim, heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, norm_layer=norm_layer
         )
 
         # encoder
@@ -60,19 +62,97 @@ class MaskedAutoencoderViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, self.grid), persistent=False)
         self.blocks = nn.ModuleList([block(d, cfg.num_heads) for _ in range(cfg.depth)])
-        self.norm = _LayerNorm6(d)
+        self.norm = norm_layer(d)
 
         # decoder
         self.decoder_embed = nn.Linear(d, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(dd, self.grid), persistent=False)
         self.decoder_blocks = nn.ModuleList([block(dd, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
-        self.decoder_norm = _LayerNorm6(dd)
+        self.decoder_norm = norm_layer(dd)
         self.decoder_pred = nn.Linear(dd, p * p * cfg.in_chans)
 
+        self._build_variants(norm_layer)
         self._init_weights()
+        self._init_variants()
         apply_lora(self, cfg.lora)
         configure_trainable(self, cfg.lora)
+        if cfg.lora.freeze_non_lora:  # parameters no checkpoint holds must learn, whatever else is frozen
+            for name, prm in self.named_parameters():
+                if name.startswith(self.VARIANT_PREFIXES):
+                    prm.requires_grad = True
+
+    # --- optional variants (docs/variants.md); nothing here exists with the default config ------------------
+    VARIANT_PREFIXES = ("pos_embed_learned", "decoder_pos_embed_learned", "register_tokens", "ms_norms.",
+                        "ms_fusion.", "gmm_head.")
+
+    def _build_variants(self, norm_layer: type[nn.Module]) -> None:
+        cfg, d, n = self.cfg, self.cfg.embed_dim, 1 + self.num_patches
+        self.hybrid_pos = cfg.pos_embed == "hybrid"
+        if self.hybrid_pos:  # learnable terms on top of the fixed sin-cos tables, zero at start
+            self.pos_embed_learned = nn.Parameter(torch.zeros(1, n, d))
+            self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n, cfg.decoder_embed_dim))
+        self.num_registers = cfg.num_registers
+        if self.num_registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, self.num_registers, d))
+        self.ms_levels = sorted(cfg.multiscale)
+        if self.ms_levels:  # the last block's output keeps the final norm; other levels get their own
+            self.ms_norms = nn.ModuleDict({str(i): norm_layer(d) for i in self.ms_levels if i != cfg.depth - 1})
+            if cfg.multiscale_fusion == "linear" and len(self.ms_levels) > 1:
+                self.ms_fusion = nn.Linear(len(self.ms_levels) * d, d)
+        if cfg.gmm_components:
+            self.gmm_head = GMMHead(d, cfg.gmm_components)
+        if cfg.ssim_loss_weight > 0:
+            self.register_buffer("ssim_window", gaussian_window(1.5, cfg.img_size - 1), persistent=False)
+
+    def _init_variants(self) -> None:
+        if self.num_registers:
+            nn.init.normal_(self.register_tokens, std=0.02)
+        if hasattr(self, "ms_fusion"):  # start as the mean of the levels
+            n, d = len(self.ms_levels), self.cfg.embed_dim
+            with torch.no_grad():
+                self.ms_fusion.weight.copy_(torch.eye(d).repeat(1, n) / n)
+                self.ms_fusion.bias.zero_()
+
+    def _enc_pos(self) -> torch.Tensor:
+        return self.pos_embed + self.pos_embed_learned if self.hybrid_pos else self.pos_embed
+
+    def _dec_pos(self) -> torch.Tensor:
+        return self.decoder_pos_embed + self.decoder_pos_embed_learned if self.hybrid_pos else self.decoder_pos_embed
+
+    def _drop_registers(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :1, :], x[:, 1 + self.num_registers:, :]], dim=1) if self.num_registers else x
+
+    def _encode_multiscale(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the blocks up to the deepest listed level; normalise each listed level's output and fuse them."""
+        feats = []
+        last = self.cfg.depth - 1
+        for i, blk in enumerate(self.blocks[: self.ms_levels[-1] + 1]):
+            x = blk(x)
+            if i in self.ms_levels:
+                norm = self.norm if i == last else self.ms_norms[str(i)]
+                feats.append(norm(self._drop_registers(x)))
+        if hasattr(self, "ms_fusion"):
+            return self.ms_fusion(torch.cat(feats, dim=-1))
+        return torch.stack(feats, dim=0).mean(dim=0) if len(feats) > 1 else feats[0]
+
+    def patch_nll(self, latent: torch.Tensor) -> torch.Tensor:
+        """GMM head: latent [N, 1 + L_keep, D] -> per-visible-patch NLL [N, L_keep] (embeddings detached)."""
+        return self.gmm_head(latent[:, 1:, :].detach())
+
+    def ssim_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean (1 - SSIM) over the masked pixels, comparing the input with itself where visible and the
+        prediction where masked (in the input's pixel space; norm_pix predictions are de-normalised)."""
+        t = self.patchify(imgs.float())
+        p = pred.float()
+        if self.cfg.norm_pix_loss:
+            p = p * (t.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + t.mean(dim=-1, keepdim=True)
+        m = mask.unsqueeze(-1).to(p.dtype)
+        c = imgs.shape[1]
+        comp = self.unpatchify(p * m + t * (1 - m), channels=c)
+        pix = self.unpatchify(m.expand(-1, -1, t.shape[-1]), channels=c)
+        s = ssim_map(comp, imgs.float(), self.ssim_window)
+        return ((1 - s) * pix).sum() / pix.sum().clamp_min(1.0)
 
     def _init_weights(self) -> None:
         w = self.patch_embed.proj.weight.data
@@ -108,15 +188,19 @@ class MaskedAutoencoderViT(nn.Module):
     # --- encoder / decoder --------------------------------------------------------------------------------
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] (normalised) -> patch tokens with position [B, L, D]."""
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        return self.patch_embed(imgs) + self._enc_pos()[:, 1:, :]
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Visible tokens [N, L_keep, D] -> latent [N, 1 + L_keep, D] (class token first)."""
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(tokens.shape[0], -1, -1)
+        cls = (self.cls_token + self._enc_pos()[:, :1, :]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
+        if self.num_registers:  # [cls, registers, patches]; registers carry no position and leave before the decoder
+            x = torch.cat([x[:, :1, :], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:, :]], dim=1)
+        if self.ms_levels:
+            return self._encode_multiscale(x)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return self.norm(self._drop_registers(x))
 
     def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent [N, 1 + L_keep, D] and ids_restore [N, L] -> per-patch pixel predictions [N, L, P]."""
@@ -125,7 +209,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd] visible first, then masked
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # grid order
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self._dec_pos()
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)
@@ -141,21 +225,36 @@ class MaskedAutoencoderViT(nn.Module):
         return t
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, generator: torch.Generator | None = None,
+        mask_mode: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training pass with MAE random masking. Returns (loss, pred [B, L, P], mask [B, L])."""
+        """Training pass. Returns (loss, pred [B, L, P], mask [B, L]).
+
+        `mask_mode` is train.mask_mode (random | block | mixed; None = random, MAE's scattered patches). With a
+        GMM head (model.gmm_components) the loss adds gmm_loss_weight * the mean NLL of the visible patches.
+        """
         tokens = self.embed(imgs)
         b, length, d = tokens.shape
-        ids_keep, ids_restore, mask = random_masking_ids(b, length, mask_ratio, imgs.device, generator)
+        if mask_mode is None or mask_mode == "random":
+            ids_keep, ids_restore, mask = random_masking_ids(b, length, mask_ratio, imgs.device, generator)
+        else:
+            ids_keep, ids_restore, mask = training_masking_ids(b, self.grid, mask_ratio, mask_mode, imgs.device,
+                                                               generator)
         visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
-        pred = self.decode(self.encode(visible), ids_restore)
+        latent = self.encode(visible)
+        pred = self.decode(latent, ids_restore)
         loss = self.loss(imgs, pred, mask)
+        if self.cfg.gmm_components and self.cfg.gmm_loss_weight > 0:
+            loss = loss + self.cfg.gmm_loss_weight * self.patch_nll(latent).float().mean()
         return loss, pred, mask
 
     def loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the masked patches only."""
+        """Mean squared error over the masked patches only (+ ssim_loss_weight * (1 - SSIM) when set)."""
         per_patch = ((pred.float() - self.target(imgs)) ** 2).mean(dim=-1)  # [B, L]
-        return (per_patch * mask).sum() / mask.sum()
+        loss = (per_patch * mask).sum() / mask.sum()
+        if self.cfg.ssim_loss_weight > 0:
+            loss = loss + self.cfg.ssim_loss_weight * self.ssim_loss(imgs, pred, mask)
+        return loss
 
 
 def build_model(cfg: ModelConfig) -> MaskedAutoencoderViT:
@@ -172,6 +271,9 @@ def encoder_flops_estimate(cfg: ModelConfig, tokens: int, decoder: bool = False)
     depth = cfg.decoder_depth if decoder else cfg.depth
     mlp = int(d * cfg.mlp_ratio)
     per_block = 2 * tokens * (3 * d * d + d * d + 2 * d * mlp) + 2 * 2 * tokens * tokens * d
+    lora, r = cfg.lora, cfg.lora.rank
+    if r > 0 and lora.where in ("both", "decoder" if decoder else "encoder"):  # x @ A^T @ B^T per adapted linear
+        per_block += 2 * tokens * r * ((d + 3 * d) + (d + d) + ((d + mlp) + (mlp + d) if lora.mlp else 0))
     return float(depth * per_block)
 
 
@@ -183,20 +285,21 @@ def scoring_flops(cfg: ModelConfig, k: int) -> float:
     embed = 2 * length * cfg.embed_dim * p * p * cfg.in_chans
     enc = encoder_flops_estimate(cfg, keep + 1)
     dec = encoder_flops_estimate(cfg, length + 1, decoder=True)
-    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * length * cfg.decoder_embed_dim * p * p * 3
+    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * (length + 1) * cfg.decoder_embed_dim * p * p * 3
     return float(embed + k * (enc + dec + proj))
 
 
 def training_flops(cfg: ModelConfig, mask_ratio: float) -> float:
-    """Approximate FLOPs of one training image (forward x3 for forward + backward)."""
+    """Approximate FLOPs of one training image (forward + backward, all parameters trainable)."""
     length = cfg.num_patches
     keep = max(1, int(round(length * (1 - mask_ratio))))
     p = cfg.patch_size
     embed = 2 * length * cfg.embed_dim * p * p * cfg.in_chans
     enc = encoder_flops_estimate(cfg, keep + 1)
     dec = encoder_flops_estimate(cfg, length + 1, decoder=True)
-    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * length * cfg.decoder_embed_dim * p * p * 3
-    return float(3 * (embed + enc + dec + proj))
+    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * (length + 1) * cfg.decoder_embed_dim * p * p * 3
+    # backward costs twice the forward, except the patch embedding (no gradient w.r.t. the input image)
+    return float(2 * embed + 3 * (enc + dec + proj))
 
 
 __all__ = [

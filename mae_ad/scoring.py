@@ -18,6 +18,7 @@ from torch import nn
 from .config import Config
 from .masking import inference_masks, masks_to_ids
 from .model import MaskedAutoencoderViT
+from .variants import gaussian_window, ssim_map
 
 
 def gaussian_kernel1d(sigma: float, max_radius: int) -> torch.Tensor:
@@ -64,6 +65,13 @@ class Scorer(nn.Module):
         self.register_buffer("map_std", torch.ones(1, 1, size, size))
         self.reduce = sc.reduce
         self.topk = max(1, int(round(sc.topk_fraction * size * size)))
+        # variants (docs/variants.md): structural (1 - SSIM) map and GMM-head likelihood map, both off by default
+        self.ssim_weight = float(sc.ssim_weight)
+        if self.ssim_weight > 0:
+            self.register_buffer("ssim_window", gaussian_window(sc.ssim_sigma, size - 1))
+        self.gmm_weight = float(sc.gmm_weight)
+        if self.gmm_weight > 0 and not hasattr(model, "gmm_head"):
+            raise ValueError("scoring.gmm_weight > 0 needs a model with a GMM head (model.gmm_components > 0)")
 
     # --- pieces ---------------------------------------------------------------------------------------------
     def normalise_input(self, image: torch.Tensor) -> torch.Tensor:
@@ -72,23 +80,58 @@ class Scorer(nn.Module):
     def reconstruct_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, 3, H, W] -> each patch's reconstruction from the one mask that hid it [B, L, P],
         in the same (normalised pixel) space as the input. All K masked copies run in one batched pass."""
+        return self.reconstruct_with_nll(x, with_nll=False)[0]
+
+    def reconstruct_with_nll(self, x: torch.Tensor, with_nll: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`reconstruct_patches`, plus (with_nll and a GMM head) each patch's GMM negative log-likelihood [B, L].
+
+        The NLL of a patch is the mean over the K - 1 passes in which it is visible (it is hidden in exactly one),
+        computed on that pass's encoder output: no extra encoder pass, and the encoder sees the same mask layout
+        as for the reconstruction."""
         m = self.model
         b = x.shape[0]
         tokens = m.embed(x)  # [B, L, D]
         k, keep = self.ids_keep.shape
         visible = tokens[:, self.ids_keep].reshape(b * k, keep, tokens.shape[-1])  # [B*K, L_keep, D]
         ids_restore = self.ids_restore.unsqueeze(0).expand(b, -1, -1).reshape(b * k, -1)  # [B*K, L]
-        pred = m.decode(m.encode(visible), ids_restore)  # [B*K, L, P]
+        latent = m.encode(visible)
+        nll = None
+        if with_nll and hasattr(m, "gmm_head"):
+            vis = m.patch_nll(latent)  # [B*K, L_keep]
+            full = torch.cat([vis, torch.zeros_like(vis[:, :1]).expand(-1, ids_restore.shape[1] - keep)], dim=1)
+            full = torch.gather(full, 1, ids_restore)  # grid order, 0 where the pass hid the patch
+            nll = full.reshape(b, k, -1).sum(dim=1) / (k - 1)  # [B, L]
+        pred = m.decode(latent, ids_restore)  # [B*K, L, P]
         pred = pred.reshape(b, k, pred.shape[1], pred.shape[2])
         pred = (pred * self.assign).sum(dim=1)  # [B, L, P]: patch l from the mask that hid it
         if m.cfg.norm_pix_loss:  # predictions are per-patch normalised: undo with the patch's own statistics
             t = m.patchify(x)
             pred = pred * (t.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + t.mean(dim=-1, keepdim=True)
-        return pred
+        return pred, nll
+
+    def _raw_map_variants(self, x: torch.Tensor) -> torch.Tensor:
+        """raw_map with scoring.ssim_weight and/or scoring.gmm_weight:
+        (1 - w_ssim) * squared error + w_ssim * (1 - SSIM) / 2 + w_gmm * per-patch GMM NLL, then smoothed."""
+        m = self.model
+        c = x.shape[1]
+        pred, nll = self.reconstruct_with_nll(x, with_nll=self.gmm_weight > 0)
+        err = m.unpatchify((pred - m.patchify(x)) ** 2, channels=c).mean(dim=1, keepdim=True)  # [B, 1, H, W]
+        if self.ssim_weight > 0:
+            s = ssim_map(m.unpatchify(pred, channels=c), x, self.ssim_window).mean(dim=1, keepdim=True)
+            err = (1.0 - self.ssim_weight) * err + self.ssim_weight * (1.0 - s) * 0.5
+        if nll is not None:  # one value per patch, spread over its p x p pixels
+            pp = m.patch_size * m.patch_size
+            err = err + self.gmm_weight * m.unpatchify(nll.unsqueeze(-1).expand(-1, -1, pp), channels=1)
+        if self.smooth:
+            err = gaussian_blur(err, self.kernel)
+        return err
 
     def raw_map(self, image: torch.Tensor) -> torch.Tensor:
         """Per-pixel squared error averaged over channels, smoothed; before the calibration normalisation."""
         x = self.normalise_input(image)
+        if self.ssim_weight > 0 or self.gmm_weight > 0:
+            return self._raw_map_variants(x)
         pred = self.reconstruct_patches(x)
         err = (pred - self.model.patchify(x)) ** 2  # [B, L, P]
         err = self.model.unpatchify(err, channels=x.shape[1]).mean(dim=1, keepdim=True)  # [B, 1, H, W]

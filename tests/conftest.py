@@ -27,3 +27,42 @@ def synthetic_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synth") / "data"
     return write_dataset(root, n_train=16, n_test_good=4, n_test_defect=3, size=64, seed=1)
+
+
+def _gpu_reason() -> str | None:
+    """Why GPU tests cannot run here (None when CUDA, TensorRT and pycuda are all importable)."""
+    import importlib.util
+
+    missing = [m for m in ("tensorrt", "pycuda") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"needs a CUDA GPU with {', '.join(missing)} installed (not available on this machine)"
+    try:
+        import pycuda.driver as cuda  # type: ignore[import-not-found]
+
+        cuda.init()
+        if cuda.Device.count() == 0:
+            return "no CUDA device found"
+    except Exception as e:  # pragma: no cover - only on machines with pycuda
+        return f"CUDA unavailable: {e}"
+    return None
+
+
+def _mosquitto_path() -> str | None:
+    import shutil
+
+    return shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if __import__("os").path.exists("/usr/sbin/mosquitto") else None)
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_reason = None
+    gpu_checked = False
+    broker_missing = _mosquitto_path() is None
+    for item in items:
+        if "gpu" in item.keywords:
+            if not gpu_checked:
+                gpu_reason, gpu_checked = _gpu_reason(), True
+            if gpu_reason:
+                item.add_marker(pytest.mark.skip(reason=f"gpu: {gpu_reason}"))
+        if "broker" in item.keywords and broker_missing:
+            item.add_marker(pytest.mark.skip(reason="broker: mosquitto not installed (apt-get install mosquitto)"))

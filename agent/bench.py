@@ -1,0 +1,214 @@
+"""Agent benchmark: end-to-end frames/s against the bare engine on the same model in the same run, per-stage
+latency, resident memory and time to the first published score of a separate agent process, and alerts delivered
+versus raised across a broker outage.
+
+    mae-ad agent-bench --model model.onnx --seconds 15 --out bench_out/agent.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .demo import _guess_backend, write_product_video
+
+
+def _model_section(model: str | None, backend: str | None, threads: int | None) -> dict[str, Any]:
+    kind = backend or _guess_backend(model)
+    return {"backend": kind, "path": model, "threads": threads}
+
+
+def _bare_fps(be: Any, batch: np.ndarray, seconds: float) -> dict[str, float]:
+    be.infer(batch)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        be.infer(batch)
+        n += 1
+    dt = time.perf_counter() - t0
+    return {"fps": n * batch.shape[0] / dt, "ms_per_batch": 1000 * dt / n, "batches": n}
+
+
+def _frames_for(be: Any, n: int) -> np.ndarray:
+    import cv2
+
+    from mae_ad.synthetic import normal_tile
+
+    rng = np.random.default_rng(0)
+    s = be.input_size
+    imgs = [cv2.cvtColor(cv2.resize(normal_tile(rng, 160), (s, s)), cv2.COLOR_BGR2RGB) for _ in range(n)]
+    return np.stack([i.transpose(2, 0, 1).astype(np.float32) / 255.0 for i in imgs])
+
+
+def _agent_cfg(work: Path, port: int, protocol: str, model: dict[str, Any], cams: list[dict[str, Any]],
+               **extra: Any) -> Any:
+    from .config import agent_config_from_dict
+
+    data: dict[str, Any] = {"agent_id": "bench", "model": model, "cameras": cams,
+            "evidence": {"dir": str(work / "evidence")},
+            "alerts": {"open_after": 2, "close_after": 3, "update_interval_s": 0.5},
+            "capture": {"reconnect_initial_s": 0.2, "reconnect_max_s": 1.0},
+            "mqtt": {"port": port, "protocol": protocol, "stats_interval_s": 2.0, "reconnect_min_s": 1,
+                     "reconnect_max_s": 2, "spool": {"dir": str(work / "spool")}}}
+    for k, v in extra.items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    return agent_config_from_dict(data, "<agent bench>")
+
+
+def run_agent_bench(model: str | None, backend: str | None = None, seconds: float = 15.0, cameras: int = 1,
+                    threads: int | None = None, out: str | Path | None = None, outage: bool = True) -> dict[str, Any]:
+    from .backend import open_backend
+    from .broker import start_local_broker
+    from .config import ModelSection
+    from .demo import LiveView
+    from .loop import Agent
+
+    work = Path(tempfile.mkdtemp(prefix="mae-ad-agent-bench-"))
+    msec = _model_section(model, backend, threads)
+    video = write_product_video(work / "product.avi", n_frames=200, fps=25.0, size=256)
+    brk, protocol = start_local_broker(work / "broker")
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "model": model, "backend": msec["backend"],
+                           "cameras": cameras, "threads": threads, "cpu_count": os.cpu_count(),
+                           "broker": type(brk).__name__}
+    try:
+        be = open_backend(ModelSection(**msec))
+        res["model_id"], res["input_size"] = be.meta.get("model_id"), be.input_size
+        batch = _frames_for(be, cameras)
+        res["bare"] = _bare_fps(be, batch, seconds)
+
+        # the agent on the same engine object, cameras reading the video as fast as they can
+        cams = [{"name": f"cam{i}", "source": video["path"], "loop": True, "realtime": False}
+                for i in range(cameras)]
+        cfg = _agent_cfg(work / "e2e", brk.port, protocol, msec, cams, evidence={"enabled": False})
+        agent = Agent(cfg, be)
+        view = LiveView("127.0.0.1", brk.port, "mae-ad/bench", protocol, None).start()
+        th = threading.Thread(target=agent.run, kwargs={"install_signals": False}, daemon=True)
+        th.start()
+        while agent.first_score_s is None and th.is_alive():
+            time.sleep(0.05)
+        time.sleep(1.0)  # warm-up
+        f0, t0 = agent.frames_scored, time.perf_counter()
+        time.sleep(seconds)
+        f1, t1 = agent.frames_scored, time.perf_counter()
+        agent.stop()
+        th.join(30)
+        view.stop()
+        be.close()
+        fps = (f1 - f0) / (t1 - t0)
+        res["agent"] = {"fps": fps, "fraction_of_bare": fps / res["bare"]["fps"],
+                        "stage_ms": {k: (round(v, 3) if v is not None else None)
+                                     for k, v in agent.timer.mean_ms().items()},
+                        "dropped": {n: cs.reader.stats.dropped for n, cs in agent.cams.items()},
+                        "score_messages_received": view.counts.get("score", 0)}
+
+        # a separate agent process: memory, torch never imported, time to first score message
+        res["process"] = _process_run(work / "proc", brk.port, protocol, msec, video["path"], seconds)
+        if outage:
+            res["outage"] = _outage_run(work / "outage", msec)
+    finally:
+        brk.stop()
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def _process_run(work: Path, port: int, protocol: str, msec: dict[str, Any], video: str,
+                 seconds: float) -> dict[str, Any]:
+    import psutil
+
+    from .config import dump_agent_config
+    from .demo import LiveView
+
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = _agent_cfg(work, port, protocol, msec, [{"name": "cam", "source": video, "loop": True}],
+                     mqtt={"stats_interval_s": 1.0})
+    cfg_path = work / "agent.yaml"
+    cfg_path.write_text(dump_agent_config(cfg))
+    view = LiveView("127.0.0.1", port, "mae-ad/bench", protocol, None).start()
+    exe = Path(sys.executable).with_name("mae-ad")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mae_ad.cli"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*cmd, "run", "--config", str(cfg_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = None
+    peak = 0.0
+    try:
+        p = psutil.Process(proc.pid)
+        end = t0 + max(10.0, seconds)
+        while time.perf_counter() < end and proc.poll() is None:
+            if first is None and view.counts.get("score", 0) > 0:
+                first = time.perf_counter() - t0
+            try:
+                peak = max(peak, p.memory_info().rss / 2**20)
+            except psutil.Error:
+                break
+            time.sleep(0.05)
+        proc.terminate()
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        view.stop()
+    stats = [json.loads(pl) for t, pl in view.messages if t.endswith("/stats")]
+    return {"first_score_s": first, "peak_rss_mb": peak, "exit_code": code,
+            "torch_loaded": stats[-1].get("torch_loaded") if stats else None,
+            "rss_mb_reported": stats[-1].get("rss_mb") if stats else None}
+
+
+def _outage_run(work: Path, msec: dict[str, Any]) -> dict[str, Any]:
+    """Kill the broker (SIGKILL) for 5 s while alerts keep coming; count what arrives."""
+    from .broker import MosquittoBroker, TcpGate, mosquitto_path
+    from .demo import LiveView
+    from .loop import Agent
+
+    if mosquitto_path() is None:
+        return {"skipped": "needs mosquitto"}
+    clip = write_product_video(work / "busy.avi", n_frames=40, fps=20.0, size=128,
+                               defect_segments=[(5, 12), (25, 32)], seed=5)
+    brk = MosquittoBroker(work / "broker").start()
+    gate = TcpGate(brk.port)
+    cfg = _agent_cfg(work, gate.port, "5", {"backend": "brightness", "input_size": 64},
+                     [{"name": "cam", "source": clip["path"], "loop": True}], mqtt={"score_interval_s": 1.0})
+    views = [LiveView("127.0.0.1", brk.port, "mae-ad/bench", "5", None).start()]
+    agent = Agent(cfg)
+    th = threading.Thread(target=agent.run, kwargs={"install_signals": False}, daemon=True)
+    th.start()
+    try:
+        time.sleep(4.0)
+        gate.open.clear()
+        brk.kill()
+        raised_at_kill = agent.alerts_raised
+        time.sleep(5.0)
+        spooled = agent.spool.depth
+        brk.start()
+        views[0].stop()
+        views.append(LiveView("127.0.0.1", brk.port, "mae-ad/bench", "5", None).start())
+        gate.open.set()
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not (agent.link and agent.link.connected and agent.spool.depth == 0):
+            time.sleep(0.1)
+        time.sleep(3.0)
+    finally:
+        agent.stop()
+        th.join(30)
+        time.sleep(0.5)
+        for v in views:
+            v.stop()
+        gate.close()
+        brk.stop()
+    ids = [e["id"] for v in views for e in v.alert_events if e["event"] == "start"]
+    return {"alerts_raised": agent.alerts_raised, "alerts_raised_during_outage": agent.alerts_raised - raised_at_kill,
+            "spool_depth_at_restart": spooled, "alerts_delivered": len(ids), "unique_delivered": len(set(ids)),
+            "all_raised_delivered_in_order": ids == agent.alert_ids,
+            "alert_messages_sent": agent.alert_messages,
+            "alert_messages_delivered": sum(len(v.alert_events) for v in views)}

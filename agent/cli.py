@@ -1,0 +1,74 @@
+"""The watch stage's commands, added to `mae-ad` by `register(app)`. Imports live inside the command bodies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        config: Annotated[Path, typer.Option("--config", "-c", help="agent YAML (see configs/agent*.yaml)")],
+        set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value; "
+                                                       "cameras.0.threshold=0.4 (repeatable)")] = None,
+        duration: Annotated[float | None, typer.Option(help="stop after this many seconds (default: run until "
+                                                       "SIGTERM/SIGINT)")] = None,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    ) -> None:
+        """Watch the cameras, score every frame it can, publish scores, alerts and heatmaps over MQTT."""
+        from mae_ad.cli import setup_logging
+
+        from .config import load_agent_config
+        from .loop import Agent
+
+        setup_logging(verbose)
+        cfg = load_agent_config(config, set_)
+        code = Agent(cfg).run(duration_s=duration)
+        raise typer.Exit(code)
+
+    @app.command("agent-demo")
+    def agent_demo(
+        model: Annotated[str | None, typer.Option(help="engine file: .onnx, .plan or a bundle dir (default: the "
+                                                  "numpy brightness engine)")] = None,
+        backend: Annotated[str | None, typer.Option(help="onnxruntime | tensorrt | torch | brightness (default: "
+                                                    "by the model's file type)")] = None,
+        seconds: Annotated[float, typer.Option(help="how long the agent watches")] = 20.0,
+        out: Annotated[Path, typer.Option("--out", "-o", help="work directory (video, spool, evidence)")] = Path(
+            "demo_out/agent"),
+        broker: Annotated[str, typer.Option(help="auto | mosquitto | inprocess")] = "auto",
+    ) -> None:
+        """The watch stage on its own: a synthetic product video with defects, a local broker, the agent, and a
+        live view of the MQTT messages."""
+        from mae_ad.cli import setup_logging
+
+        from .demo import run_agent_demo
+
+        setup_logging(False)
+        summary = run_agent_demo(model, out, seconds=seconds, backend=backend, broker=broker)
+        typer.echo(" ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list))))
+
+    @app.command("agent-bench")
+    def agent_bench(
+        model: Annotated[str | None, typer.Option(help=".onnx / .plan / bundle dir (default: brightness engine)")
+                         ] = None,
+        backend: Annotated[str | None, typer.Option(help="engine kind (default: by file type)")] = None,
+        seconds: Annotated[float, typer.Option(help="seconds per measurement")] = 15.0,
+        cameras: Annotated[int, typer.Option(help="cameras (copies of the synthetic video)")] = 1,
+        threads: Annotated[int | None, typer.Option(help="engine threads")] = None,
+        out: Annotated[Path | None, typer.Option(help="write results JSON here")] = None,
+        outage: Annotated[bool, typer.Option(help="also run the broker-outage scenario")] = True,
+    ) -> None:
+        """Agent frames/s vs the bare engine, stage latency, memory, time to first score, alerts in an outage."""
+        from mae_ad.cli import setup_logging
+
+        from .bench import run_agent_bench
+
+        setup_logging(False)
+        res = run_agent_bench(model, backend=backend, seconds=seconds, cameras=cameras, threads=threads, out=out,
+                              outage=outage)
+        import json
+
+        typer.echo(json.dumps(res, indent=2))

@@ -1,0 +1,484 @@
+"""The agent: readers -> newest frame of every camera as one batch -> engine -> decisions -> MQTT and evidence.
+
+One loop thread drives the engine; each camera has its own reader thread (agent.capture) that only keeps the
+newest frame; paho runs its own network thread. SIGTERM/SIGINT stop the loop: open alerts are closed (reason
+`shutdown`), the spool is flushed for up to `mqtt.shutdown_flush_s`, `offline` is published, cameras are released
+and `run()` returns 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mae_ad.contract import UserError
+
+from .backend import Backend, model_threshold, open_backend
+from .capture import FAILED, PAUSED, STREAMING, CameraReader, Frame
+from .config import AgentConfig, CameraSection
+from .decide import AlertTracker, iso
+from .evidence import EvidenceStore, encode_jpeg
+from .mqtt import MqttLink
+from .preprocess import anomalous_box, box_to_frame, overlay, preprocess
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+STAGES = ("capture", "preprocess", "engine", "decide", "publish")
+
+
+def rss_mb() -> float:
+    try:
+        import psutil
+
+        return float(psutil.Process().memory_info().rss) / 2**20
+    except ImportError:  # pragma: no cover - psutil is in the agent extra
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class StageTimer:
+    """Per-stage latency sums: for the interval (stats topic) and since start (metrics, bench)."""
+
+    def __init__(self) -> None:
+        self.total = {s: 0.0 for s in STAGES}
+        self.count = {s: 0 for s in STAGES}
+        self.win = {s: 0.0 for s in STAGES}
+        self.win_count = {s: 0 for s in STAGES}
+
+    def add(self, stage: str, seconds: float, n: int = 1) -> None:
+        self.total[stage] += seconds * n
+        self.count[stage] += n
+        self.win[stage] += seconds * n
+        self.win_count[stage] += n
+
+    def window_ms(self) -> dict[str, float | None]:
+        out = {s: (round(1000 * self.win[s] / self.win_count[s], 3) if self.win_count[s] else None) for s in STAGES}
+        self.win = {s: 0.0 for s in STAGES}
+        self.win_count = {s: 0 for s in STAGES}
+        return out
+
+    def mean_ms(self) -> dict[str, float | None]:
+        return {s: (1000 * self.total[s] / self.count[s] if self.count[s] else None) for s in STAGES}
+
+
+@dataclass
+class CameraState:
+    cam: CameraSection
+    reader: CameraReader
+    tracker: AlertTracker
+    threshold_cmd: float | None = None  # set by the threshold command
+    paused: bool = False
+    scored: int = 0
+    anomalous: int = 0
+    last_score_pub: float = 0.0
+    last_heatmap_pub: float = 0.0
+    snapshot_requests: list[Any] = field(default_factory=list)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, backend: Backend | None = None):
+        self.cfg = cfg
+        self._backend_given = backend
+        self.backend: Backend | None = backend
+        self.stop_event = threading.Event()
+        self.new_frame = threading.Event()
+        self.cams: dict[str, CameraState] = {}
+        self.timer = StageTimer()
+        self.link: MqttLink | None = None
+        self.evidence = EvidenceStore(cfg.evidence)
+        self.health_server: Any = None
+        self.t_start = time.monotonic()
+        self.first_score_s: float | None = None
+        self.last_tick = time.monotonic()
+        self.batches = 0
+        self.frames_scored = 0
+        self.alerts_raised = 0
+        self.alert_messages = 0
+        self.alert_ids: list[str] = []
+        self.model_id = "?"
+        self._lock = threading.Lock()
+        self._engine_win = [0.0, 0, 0]  # engine seconds, batches, frames since the last stats message
+        self._last_stats = time.monotonic()
+        self.default_threshold: float | None = None
+
+    # --- thresholds -------------------------------------------------------------------------------------------
+    def threshold_of(self, cs: CameraState) -> tuple[float, str]:
+        for value, source in ((cs.threshold_cmd, "command"), (cs.cam.threshold, "camera"),
+                              (self.cfg.model.threshold, "model.threshold"), (self.default_threshold, "model")):
+            if value is not None:
+                return float(value), source
+        raise AssertionError("threshold checked at start")
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if self.backend is None:
+            self.backend = open_backend(cfg.model)
+        b = self.backend
+        self.model_id = str(b.meta.get("model_id", "?"))
+        self.default_threshold = model_threshold(b)
+        for i, cam in enumerate(cfg.cameras):
+            if not cam.enabled:
+                continue
+            if cam.threshold is None and cfg.model.threshold is None and self.default_threshold is None:
+                raise UserError(f"cameras.{i}.threshold: the model {cfg.model.path} carries no calibrated threshold; "
+                                "set model.threshold or a per-camera threshold")
+            open_after = cam.open_after or cfg.alerts.open_after
+            close_after = cam.close_after or cfg.alerts.close_after
+            reader = CameraReader(cam, cfg.capture, self.new_frame, on_status=self._on_camera_status)
+            self.cams[cam.name] = CameraState(cam, reader, AlertTracker(cam.name, open_after, close_after,
+                                                                        cfg.alerts.update_interval_s))
+        if not self.cams:
+            raise UserError("cameras: every camera is disabled")
+        spool_dir = os.path.join(cfg.mqtt.spool.dir)
+        self.spool = Spool(spool_dir, cfg.mqtt.spool.max_messages, cfg.mqtt.spool.on_full, cfg.mqtt.spool.fsync)
+        self.link = MqttLink(cfg.mqtt, cfg.agent_id, self.spool, on_command=self._on_command,
+                             on_connected=self._on_connected)
+        log.info("agent %s: model %s on %s (input %d px, threshold %s), %d camera(s)", cfg.agent_id, self.model_id,
+                 b.name, b.input_size, self.default_threshold, len(self.cams))
+
+    def _on_connected(self) -> None:
+        for cs in self.cams.values():
+            self._publish_camera_status(cs)
+
+    def _publish_camera_status(self, cs: CameraState) -> None:
+        if self.link is not None:
+            status = PAUSED if cs.paused else cs.reader.status
+            self.link.publish(self.link.topic(cs.cam.name, "status"), status, qos=1, retain=True)
+
+    def _on_camera_status(self, camera: str, status: str, detail: str | None) -> None:
+        cs = self.cams.get(camera)
+        if cs is not None:
+            self._publish_camera_status(cs)
+
+    # --- commands (paho thread) -------------------------------------------------------------------------------
+    def _on_command(self, camera: str, command: str, payload: bytes) -> dict[str, Any] | None:
+        targets = list(self.cams.values()) if camera == "all" else [self.cams[camera]] if camera in self.cams else []
+        if not targets:
+            return {"ok": False, "error": f"unknown camera {camera!r}; cameras: {', '.join(self.cams)}"}
+        text = payload.decode("utf-8", "replace").strip()
+        if command == "pause" or command == "resume":
+            for cs in targets:
+                cs.paused = command == "pause"
+                self._publish_camera_status(cs)
+            log.info("command: %s %s", command, camera)
+            return {"ok": True, **self._state(targets)}
+        if command == "threshold":
+            value: float | None
+            try:
+                v = json.loads(text) if text else None
+                if isinstance(v, dict):
+                    v = v.get("value")
+                value = None if v in (None, "reset") else float(v)
+            except (ValueError, TypeError):
+                if text == "reset":
+                    value = None
+                else:
+                    return {"ok": False, "error": f"threshold: expected a number, null or 'reset', got {text!r}",
+                            **self._state(targets)}
+            if value is not None and not np.isfinite(value):
+                return {"ok": False, "error": f"threshold: {text!r} is not finite", **self._state(targets)}
+            for cs in targets:
+                cs.threshold_cmd = value
+            log.info("command: threshold %s = %s", camera, value)
+            return {"ok": True, **self._state(targets)}
+        if command == "snapshot":
+            for cs in targets:
+                cs.snapshot_requests.append(camera)
+            self.new_frame.set()
+            return None  # answered by the loop with the next frame
+        return {"ok": False, "error": f"unknown command {command!r}; use pause, resume, threshold or snapshot"}
+
+    def _state(self, targets: list[CameraState]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for cs in targets:
+            t, src = self.threshold_of(cs)
+            out[cs.cam.name] = {"paused": cs.paused, "threshold": t, "threshold_source": src,
+                                "status": PAUSED if cs.paused else cs.reader.status}
+        return {"cameras": out}
+
+    # --- run --------------------------------------------------------------------------------------------------
+    def run(self, duration_s: float | None = None, install_signals: bool = True) -> int:
+        """Run until SIGTERM/SIGINT, `stop()` or `duration_s`. Returns the exit code (0)."""
+        self.t_start = time.monotonic()
+        self._setup()
+        assert self.link is not None and self.backend is not None
+        old_handlers: dict[int, Any] = {}
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.link.start()
+            if self.cfg.health.enabled:
+                from .health import HealthServer
+
+                self.health_server = HealthServer(self.cfg.health.host, self.cfg.health.port, self.health,
+                                                  self.metrics_text)
+                self.health_server.start()
+            for cs in self.cams.values():
+                cs.reader.start()
+            end = None if duration_s is None else time.monotonic() + duration_s
+            while not self.stop_event.is_set():
+                if end is not None and time.monotonic() >= end:
+                    break
+                self.step()
+        finally:
+            self._shutdown()
+            for signum, h in old_handlers.items():
+                signal.signal(signum, h)
+        return 0
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.new_frame.set()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        self.stop()
+
+    def step(self, wait_s: float = 0.1) -> int:
+        """One loop turn: wait for frames, score the newest of every camera as one batch. Returns frames scored."""
+        self.new_frame.wait(wait_s)
+        self.new_frame.clear()
+        now = time.monotonic()
+        self.last_tick = now
+        self._periodic(now)
+        batch: list[tuple[CameraState, Frame]] = []
+        for cs in self.cams.values():
+            f = cs.reader.take()
+            if f is None:
+                continue
+            if cs.paused and not cs.snapshot_requests:
+                continue
+            batch.append((cs, f))
+        if not batch:
+            return 0
+        assert self.backend is not None
+        mb = self.backend.max_batch or len(batch)
+        for i in range(0, len(batch), mb):
+            self._score(batch[i:i + mb])
+        return len(batch)
+
+    def _score(self, batch: list[tuple[CameraState, Frame]]) -> None:
+        assert self.backend is not None and self.link is not None
+        size = self.backend.input_size
+        t0 = time.monotonic()
+        prepped = [preprocess(f.image, cs.cam, size) for cs, f in batch]
+        x = np.stack([p[0] for p in prepped])
+        t1 = time.monotonic()
+        maps, scores = self.backend.infer(x)
+        t2 = time.monotonic()
+        n = len(batch)
+        self.batches += 1
+        self.frames_scored += n
+        self._engine_win[0] += t2 - t1
+        self._engine_win[1] += 1
+        self._engine_win[2] += n
+        self.timer.add("preprocess", (t1 - t0) / n, n)
+        self.timer.add("engine", (t2 - t1) / n, n)
+        for j, (cs, f) in enumerate(batch):
+            self.timer.add("capture", t0 - f.t_read_start)
+            self._decide_publish(cs, f, prepped[j][1], prepped[j][2], maps[j], float(scores[j]),
+                                 {"capture": t0 - f.t_read_start, "preprocess": (t1 - t0) / n, "engine": (t2 - t1) / n})
+        if self.first_score_s is None:
+            self.first_score_s = time.monotonic() - self.t_start
+            log.info("first frame scored %.2f s after start", self.first_score_s)
+
+    def _decide_publish(self, cs: CameraState, f: Frame, crop: Any, rgb: np.ndarray, amap: np.ndarray, score: float,
+                        lat: dict[str, float]) -> None:
+        assert self.link is not None and self.backend is not None
+        link, name, size = self.link, cs.cam.name, self.backend.input_size
+        td = time.monotonic()
+        threshold, _ = self.threshold_of(cs)
+        if cs.snapshot_requests:
+            self._snapshot(cs, f, rgb, amap, score, threshold)
+            if cs.paused:
+                return
+        anomalous = score > threshold
+        box_in = anomalous_box(amap, threshold) if anomalous else None
+        box = box_to_frame(box_in, crop, size) if box_in is not None else None
+        decision = cs.tracker.update(score, threshold, f.frame_id, f.wall_time, box)
+        cs.scored += 1
+        cs.anomalous += int(anomalous)
+        tp = time.monotonic()
+        lat["decide"] = tp - td
+        self.timer.add("decide", tp - td)
+        now = tp
+        interval = cs.cam.score_interval_s if cs.cam.score_interval_s is not None else self.cfg.mqtt.score_interval_s
+        if interval == 0 or now - cs.last_score_pub >= interval or decision.events:
+            cs.last_score_pub = now
+            msg = {"time": iso(f.wall_time), "ts": round(f.wall_time, 3), "camera": name, "frame_id": f.frame_id,
+                   "score": round(score, 6), "threshold": round(threshold, 6), "anomalous": anomalous,
+                   "latency_ms": {k: round(v * 1000, 3) for k, v in lat.items()}, "model_id": self.model_id}
+            if box is not None:
+                msg["box"] = box
+            link.publish(link.topic(name, "score"), json.dumps(msg), qos=self.cfg.mqtt.score_qos)
+        heat_jpeg: bytes | None = None
+        for ev in decision.events:
+            ev["model_id"] = self.model_id
+            if ev["event"] == "start":
+                self.alerts_raised += 1
+                self.alert_ids.append(ev["id"])
+                log.warning("camera %s: alert %s opened (score %.4f > %.4f)", name, ev["id"], score, threshold)
+            elif ev["event"] == "end":
+                log.info("camera %s: alert %s closed (peak %.4f)", name, ev["id"], ev["peak_score"])
+            if ev["event"] in ("start", "update"):
+                heat_jpeg = heat_jpeg or encode_jpeg(overlay(rgb, amap, threshold, box_in, max(size, 224)))
+                frame_bgr = self._frame_bgr(cs, f.image, box)
+                folder = self.evidence.save(name, ev["id"], f.wall_time, frame_bgr, heat_jpeg, ev,
+                                            "start" if ev["event"] == "start" else "peak")
+                if folder is not None:
+                    ev["evidence"] = str(folder)
+            else:
+                self.evidence.finish(ev["id"], ev)
+            self.link.publish_durable(link.topic(name, "alert"), json.dumps(ev).encode())
+            self.alert_messages += 1
+        hi = self.cfg.mqtt.heatmap_interval_s
+        if heat_jpeg is None and hi > 0 and now - cs.last_heatmap_pub >= hi:
+            heat_jpeg = encode_jpeg(overlay(rgb, amap, threshold, box_in, max(size, 224)))
+        if heat_jpeg is not None:
+            cs.last_heatmap_pub = now
+            link.publish(link.topic(name, "heatmap"), heat_jpeg, qos=0)
+        self.timer.add("publish", time.monotonic() - tp)
+
+    def _frame_bgr(self, cs: CameraState, img: np.ndarray, box: list[int] | None) -> np.ndarray:
+        import cv2
+
+        out = img
+        if img.ndim == 2:
+            out = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        elif cs.cam.colour == "rgb":
+            out = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+        else:
+            out = img.copy()
+        if box is not None:
+            cv2.rectangle(out, (box[0], box[1]), (box[2], box[3]), (0, 0, 255), 2)
+        return out
+
+    def _snapshot(self, cs: CameraState, f: Frame, rgb: np.ndarray, amap: np.ndarray, score: float,
+                  threshold: float) -> None:
+        assert self.link is not None
+        link, name = self.link, cs.cam.name
+        frame_jpeg = encode_jpeg(self._frame_bgr(cs, f.image, None))
+        heat = encode_jpeg(overlay(rgb, amap, threshold, None, max(rgb.shape[0], 224)))
+        link.publish(link.topic(name, "snapshot"), frame_jpeg, qos=1)
+        link.publish(link.topic(name, "heatmap"), heat, qos=0)
+        requested = set(cs.snapshot_requests)
+        cs.snapshot_requests.clear()
+        for who in requested:
+            body = {"ok": True, "frame_id": f.frame_id, "score": round(score, 6), "threshold": threshold,
+                    "anomalous": score > threshold, "time_frame": iso(f.wall_time), "frame_bytes": len(frame_jpeg),
+                    "heatmap_bytes": len(heat), **self._state([cs])}
+            link.reply(who if who == "all" else name, "snapshot", body)
+
+    # --- periodic work ----------------------------------------------------------------------------------------
+    def _periodic(self, now: float) -> None:
+        for cs in self.cams.values():
+            cs.reader.check_watchdog(now)
+        if now - self._last_stats >= self.cfg.mqtt.stats_interval_s:
+            span = now - self._last_stats
+            self._last_stats = now
+            if self.link is not None:
+                self.link.publish(self.link.topic("stats"), json.dumps(self.stats(span)))
+
+    def stats(self, span: float | None = None) -> dict[str, Any]:
+        e_s, e_b, e_f = self._engine_win
+        self._engine_win = [0.0, 0, 0]
+        span = span or self.cfg.mqtt.stats_interval_s
+        cams = {}
+        for name, cs in self.cams.items():
+            st = cs.reader.stats
+            t, src = self.threshold_of(cs)
+            cams[name] = {"status": PAUSED if cs.paused else cs.reader.status, "fps": round(cs.reader.fps(), 2),
+                          "frames": st.frames, "dropped": st.dropped, "scored": cs.scored,
+                          "anomalous": cs.anomalous, "reconnects": st.reconnects,
+                          "watchdog_restarts": st.watchdog_restarts, "threshold": t, "threshold_source": src,
+                          "alert_open": cs.tracker.alert.id if cs.tracker.alert else None}
+        link = self.link
+        return {
+            "time": iso(time.time()), "uptime_s": round(time.monotonic() - self.t_start, 1),
+            "model_id": self.model_id, "backend": getattr(self.backend, "name", "?"),
+            "engine": {"batches": e_b, "frames": e_f, "ms_per_batch": round(1000 * e_s / e_b, 3) if e_b else None,
+                       "fps": round(e_f / span, 2)},
+            "latency_ms": self.timer.window_ms(), "cameras": cams,
+            "spool_depth": self.spool.depth, "spool_dropped": self.spool.dropped,
+            "alerts_raised": self.alerts_raised, "alerts_acked": link.alerts_acked if link else 0,
+            "mqtt_connected": bool(link and link.connected), "rss_mb": round(rss_mb(), 1),
+            "first_score_s": round(self.first_score_s, 3) if self.first_score_s is not None else None,
+            "torch_loaded": "torch" in sys.modules,
+        }
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        stale = time.monotonic() - self.last_tick > self.cfg.health.stale_s
+        statuses = {n: (PAUSED if cs.paused else cs.reader.status) for n, cs in self.cams.items()}
+        all_failed = all(s == FAILED for s in statuses.values())
+        ok = not stale and not all_failed and not self.stop_event.is_set()
+        return ok, {"ok": ok, "loop_stale": stale, "cameras": statuses,
+                    "mqtt_connected": bool(self.link and self.link.connected), "spool_depth": self.spool.depth,
+                    "mqtt_error": self.link.last_error if self.link else None}
+
+    def metrics_text(self) -> str:
+        from .health import prom_lines
+
+        lines: list[str] = []
+        cams = self.cams.items()
+        lines += prom_lines("maead_frames_read_total", "Frames delivered by the camera reader", "counter",
+                            [({"camera": n}, cs.reader.stats.frames) for n, cs in cams])
+        lines += prom_lines("maead_frames_dropped_total", "Frames overwritten before the engine took them", "counter",
+                            [({"camera": n}, cs.reader.stats.dropped) for n, cs in cams])
+        lines += prom_lines("maead_frames_scored_total", "Frames scored", "counter",
+                            [({"camera": n}, cs.scored) for n, cs in cams])
+        lines += prom_lines("maead_anomalous_frames_total", "Frames above the threshold", "counter",
+                            [({"camera": n}, cs.anomalous) for n, cs in cams])
+        lines += prom_lines("maead_camera_reconnects_total", "Source reconnects", "counter",
+                            [({"camera": n}, cs.reader.stats.reconnects) for n, cs in cams])
+        lines += prom_lines("maead_camera_streaming", "1 if the camera is streaming", "gauge",
+                            [({"camera": n}, float(cs.reader.status == STREAMING)) for n, cs in cams])
+        lines += prom_lines("maead_camera_fps", "Frames per second read", "gauge",
+                            [({"camera": n}, cs.reader.fps()) for n, cs in cams])
+        lines += prom_lines("maead_alerts_raised_total", "Alerts opened", "counter", [({}, self.alerts_raised)])
+        lines += prom_lines("maead_alert_messages_acked_total", "Alert messages acknowledged by the broker",
+                            "counter", [({}, self.link.alerts_acked if self.link else 0)])
+        lines += prom_lines("maead_spool_depth", "Alert messages waiting for the broker", "gauge",
+                            [({}, self.spool.depth)])
+        lines += prom_lines("maead_spool_dropped_total", "Alert messages dropped at the spool bound", "counter",
+                            [({}, self.spool.dropped)])
+        lines += prom_lines("maead_mqtt_connected", "1 while connected to the broker", "gauge",
+                            [({}, float(bool(self.link and self.link.connected)))])
+        means = self.timer.mean_ms()
+        lines += prom_lines("maead_stage_latency_ms", "Mean latency per frame and stage since start", "gauge",
+                            [({"stage": s}, v) for s, v in means.items() if v is not None])
+        lines += prom_lines("maead_engine_batches_total", "Engine calls", "counter", [({}, self.batches)])
+        lines += prom_lines("maead_resident_memory_mb", "Resident memory of the agent", "gauge", [({}, rss_mb())])
+        return "\n".join(lines) + "\n"
+
+    # --- shutdown ---------------------------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        for cs in self.cams.values():
+            cs.reader.stop()
+        if self.link is not None:
+            now = time.time()
+            for cs in self.cams.values():
+                if cs.tracker.alert is not None:
+                    ev = cs.tracker.close(now, -1, "shutdown")
+                    ev["model_id"] = self.model_id
+                    self.evidence.finish(ev["id"], ev)
+                    self.link.publish_durable(self.link.topic(cs.cam.name, "alert"), json.dumps(ev).encode())
+                    self.alert_messages += 1
+            self.link.stop()
+        if self.health_server is not None:
+            self.health_server.stop()
+        if self.backend is not None and self._backend_given is None:
+            self.backend.close()
+        log.info("agent %s stopped: %d frames scored, %d alerts raised, %d message(s) left in the spool",
+                 self.cfg.agent_id, self.frames_scored, self.alerts_raised, self.spool.depth if self.link else 0)

@@ -1,0 +1,103 @@
+"""Frame -> engine input: region of interest, colour conversion, resize, float32 CHW in [0, 1].
+
+Normalisation (mean/std) is part of the exported graph, so the agent only delivers RGB in [0, 1], the contract of
+`mae_ad.contract.INPUT_NAME`. Boxes found in the model's square input are mapped back to frame pixels here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .config import CameraSection
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where the model input came from in the frame: x, y, width, height in frame pixels."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+def roi_crop(frame_shape: tuple[int, ...], cam: CameraSection) -> Crop:
+    """The camera's ROI clipped to the frame (the whole frame without ROI)."""
+    fh, fw = int(frame_shape[0]), int(frame_shape[1])
+    if cam.roi is None:
+        return Crop(0, 0, fw, fh)
+    x0, y0 = min(cam.roi.x, fw - 1), min(cam.roi.y, fh - 1)
+    x1, y1 = min(cam.roi.x + cam.roi.width, fw), min(cam.roi.y + cam.roi.height, fh)
+    return Crop(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+
+
+def to_rgb(img: np.ndarray, colour: str) -> np.ndarray:
+    """uint8 HxW(xC) in the source's channel order -> HxWx3 RGB."""
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return cv2.cvtColor(img.reshape(img.shape[0], img.shape[1]), cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if colour != "rgb" else cv2.COLOR_RGBA2RGB)
+    if colour == "rgb":
+        return img
+    if colour == "gray":  # a 3-channel grey image: any order is fine
+        return img
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def preprocess(frame: np.ndarray, cam: CameraSection, size: int) -> tuple[np.ndarray, Crop, np.ndarray]:
+    """-> (input float32 [3, S, S] RGB in [0, 1], crop, resized RGB uint8 [S, S, 3] for overlays)."""
+    crop = roi_crop(frame.shape, cam)
+    roi = frame[crop.y:crop.y + crop.h, crop.x:crop.x + crop.w]
+    interp = cv2.INTER_AREA if (crop.w > size or crop.h > size) else cv2.INTER_LINEAR
+    small = cv2.resize(roi, (size, size), interpolation=interp)
+    rgb = to_rgb(small, cam.colour)
+    chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+    chw *= 1.0 / 255.0
+    return chw, crop, rgb
+
+
+def box_to_frame(box: tuple[int, int, int, int], crop: Crop, size: int) -> list[int]:
+    """A box [x0, y0, x1, y1) in model-input pixels -> the same box in frame pixels."""
+    sx, sy = crop.w / size, crop.h / size
+    x0, y0, x1, y1 = box
+    return [int(crop.x + x0 * sx), int(crop.y + y0 * sy), int(round(crop.x + x1 * sx)), int(round(crop.y + y1 * sy))]
+
+
+def anomalous_box(amap: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    """Box [x0, y0, x1, y1) around the connected anomalous region holding the map's maximum.
+
+    Pixels above `threshold` form the region (the image score is a reduction of the map, so with `max` the peak pixel
+    is above it); if none is, half the peak is used.
+    """
+    m = amap.reshape(amap.shape[-2], amap.shape[-1])
+    peak = float(m.max())
+    level = threshold if peak > threshold else 0.5 * peak
+    mask = (m > level).astype(np.uint8)
+    if not mask.any():
+        y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+        return int(x), int(y), int(x) + 1, int(y) + 1
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+    lab = int(labels[y, x])
+    if lab == 0:  # the peak itself is not above the level (flat map): take the biggest component
+        lab = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x0, y0, w, h = (int(v) for v in stats[lab, :4])
+    return x0, y0, x0 + w, y0 + h
+
+
+def overlay(rgb: np.ndarray, amap: np.ndarray, threshold: float, box: tuple[int, int, int, int] | None = None,
+            out_size: int | None = None) -> np.ndarray:
+    """Heatmap overlay as BGR uint8 (ready for cv2.imencode): the map scaled so the threshold sits mid-scale."""
+    m = amap.reshape(amap.shape[-2], amap.shape[-1]).astype(np.float32)
+    scale = 2.0 * threshold if threshold > 0 else float(m.max() or 1.0)
+    heat = cv2.applyColorMap(np.clip(m / scale * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    out = cv2.addWeighted(bgr, 0.55, heat, 0.45, 0.0)
+    if box is not None:
+        cv2.rectangle(out, (box[0], box[1]), (max(box[0], box[2] - 1), max(box[1], box[3] - 1)), (255, 255, 255), 1)
+    if out_size and out_size != out.shape[0]:
+        out = cv2.resize(out, (out_size, out_size), interpolation=cv2.INTER_NEAREST)
+    return out

@@ -1,0 +1,243 @@
+"""Throughput on this machine, as a fraction of a large fp32 matmul measured in the same run.
+
+    mae-ad bench all --presets tiny-p8,small-p8 --seconds 5 --out bench_out/bench.json
+
+- peak: FLOP/s of a 2048x2048 fp32 matmul (the best this CPU does on the most favourable op);
+- scoring: images/s of `Scorer` (K-mask, one batched pass) at batch 1 and 8 under torch.inference_mode, and the
+  FLOP/s that reaches (`model.scoring_flops`, checked against torch.utils.flop_counter);
+- training: images/s of a full step (forward, backward, AdamW) at batch 8, FLOP/s from `model.training_flops`;
+- levers (what=levers or all): the same scoring measurement with one setting changed at a time (threads, fused
+  attention off, no_grad instead of inference_mode, bf16 autocast, torch.compile).
+Timing figures belong here and in docs/bench-learn.md, never in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from torch import nn
+
+from .config import Config, load_config
+from .contract import UserError
+from .model import build_model, scoring_flops, training_flops
+from .scoring import Scorer
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[None]:
+    """Switch timm attention to its explicit matmul path (FlopCounterMode does not count CPU fused SDPA)."""
+    mods = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    old = [m.fused_attn for m in mods]
+    for m in mods:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, o in zip(mods, old, strict=True):
+            m.fused_attn = o
+
+
+def counted_flops(fn: Callable[[], Any], model: nn.Module) -> float:
+    """FLOPs of `fn()` as torch.utils.flop_counter counts them (matmuls, convolutions, their backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with unfused_attention(model), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def time_it(fn: Callable[[], Any], seconds: float, min_reps: int = 2) -> tuple[float, int]:
+    """Seconds per call (after one warm-up call), over at least `min_reps` calls and about `seconds` of wall time."""
+    fn()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        reps += 1
+        elapsed = time.perf_counter() - t0
+        if reps >= min_reps and elapsed >= seconds:
+            return elapsed / reps, reps
+
+
+def matmul_peak(seconds: float, n: int = 2048) -> float:
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    per, _ = time_it(lambda: a @ b, seconds, min_reps=5)
+    return 2.0 * n**3 / per
+
+
+def preset_config(preset: str) -> Config:
+    try:
+        return load_config(None, [f"model.preset={preset}"])
+    except UserError:
+        raise
+    except Exception as e:  # pragma: no cover
+        raise UserError(f"--presets {preset!r}: {e}") from None
+
+
+def bench_scoring(cfg: Config, batch: int, seconds: float, inference_mode: bool = True, bf16: bool = False,
+                  compile_model: bool = False, fused: bool = True) -> dict[str, Any]:
+    torch.manual_seed(0)
+    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    x = torch.rand(batch, 3, cfg.model.img_size, cfg.model.img_size)
+    fn: Callable[[torch.Tensor], Any] = torch.compile(scorer) if compile_model else scorer
+    grad_ctx = torch.inference_mode if inference_mode else torch.no_grad
+
+    def call() -> None:
+        with grad_ctx(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fn(x)
+
+    if fused:
+        per, reps = time_it(call, seconds)
+    else:
+        with unfused_attention(scorer):
+            per, reps = time_it(call, seconds)
+    flops = scoring_flops(cfg.model, cfg.scoring.num_masks) * batch
+    return {"batch": batch, "seconds_per_batch": per, "reps": reps, "images_per_s": batch / per,
+            "flop_per_image": flops / batch, "flops_per_s": flops / per}
+
+
+def bench_training(cfg: Config, batch: int, seconds: float) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(batch, 3, cfg.model.img_size, cfg.model.img_size)
+
+    def step() -> None:
+        loss, _, _ = model(x, cfg.train.mask_ratio)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    per, reps = time_it(step, seconds)
+    flops = training_flops(cfg.model, cfg.train.mask_ratio) * batch
+    return {"batch": batch, "seconds_per_step": per, "reps": reps, "images_per_s": batch / per,
+            "flop_per_image": flops / batch, "flops_per_s": flops / per}
+
+
+def check_flop_estimates(cfg: Config, batch: int = 1) -> dict[str, float]:
+    """The analytic scoring/training FLOPs next to what FlopCounterMode counts on the real modules."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    scorer = Scorer(model, cfg).eval()
+    x = torch.rand(batch, 3, cfg.model.img_size, cfg.model.img_size)
+    with torch.no_grad():
+        counted_score = counted_flops(lambda: scorer(x), model) / batch
+    model.train()
+
+    def train_step() -> None:
+        loss, _, _ = model(x.repeat(2, 1, 1, 1), cfg.train.mask_ratio)
+        loss.backward()
+
+    counted_train = counted_flops(train_step, model) / (2 * batch)
+    return {"scoring_estimate": scoring_flops(cfg.model, cfg.scoring.num_masks), "scoring_counted": counted_score,
+            "training_estimate": training_flops(cfg.model, cfg.train.mask_ratio), "training_counted": counted_train}
+
+
+def _levers(cfg: Config, seconds: float, batch: int, peak: float) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    threads = torch.get_num_threads()
+    variants: list[tuple[str, dict[str, Any], int]] = [
+        ("default (inference_mode, fused SDPA)", {}, threads),
+        ("torch.no_grad instead of inference_mode", {"inference_mode": False}, threads),
+        ("fused SDPA off (explicit softmax attention)", {"fused": False}, threads),
+        ("1 thread", {}, 1),
+        ("bf16 autocast", {"bf16": True}, threads),
+        ("torch.compile", {"compile_model": True}, threads),
+    ]
+    for name, kw, n in variants:
+        torch.set_num_threads(n)
+        try:
+            r = bench_scoring(cfg, batch, seconds, **kw)
+            r.update(lever=name, fraction_of_peak=r["flops_per_s"] / peak)
+        except Exception as e:  # torch.compile needs a C++ toolchain; report instead of failing the bench
+            r = {"lever": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        finally:
+            torch.set_num_threads(threads)
+        rows.append(r)
+        log.info("lever %s: %s", name, r.get("images_per_s", r.get("error")))
+    return rows
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = [f"matmul peak (fp32 2048^3): {res['peak_flops_per_s'] / 1e9:.1f} GFLOP/s "
+             f"(start {res['peak_start'] / 1e9:.1f}, end {res['peak_end'] / 1e9:.1f}); threads {res['threads']}",
+             f"{'preset':<10} {'what':<10} {'batch':>5} {'img/s':>8} {'GFLOP/img':>10} {'GFLOP/s':>8} {'of peak':>8}"]
+    for r in res["rows"]:
+        lines.append(f"{r['preset']:<10} {r['what']:<10} {r['batch']:>5} {r['images_per_s']:>8.3f} "
+                     f"{r['flop_per_image'] / 1e9:>10.2f} {r['flops_per_s'] / 1e9:>8.1f} {r['fraction_of_peak']:>7.1%}")
+    for c in res.get("flop_checks", []):
+        lines.append(f"FLOP estimate vs counter ({c['preset']}): scoring {c['scoring_estimate'] / 1e9:.2f} vs "
+                     f"{c['scoring_counted'] / 1e9:.2f} GFLOP, training {c['training_estimate'] / 1e9:.2f} vs "
+                     f"{c['training_counted'] / 1e9:.2f} GFLOP per image")
+    for r in res.get("levers", []):
+        if "error" in r:
+            lines.append(f"lever {r['lever']:<45} failed: {r['error']}")
+        else:
+            lines.append(f"lever {r['lever']:<45} {r['images_per_s']:>7.3f} img/s {r['fraction_of_peak']:>7.1%}")
+    return "\n".join(lines)
+
+
+def run_bench(what: str, presets: list[str], out: str | os.PathLike[str] | None, seconds: float,
+              stream: TextIO | None = None) -> dict[str, Any]:
+    """Measure and report; writes the table to `stream` (stdout) and the results as JSON to `out`."""
+    if what not in ("scoring", "train", "levers", "all"):
+        raise UserError(f"bench {what!r}: expected scoring, train, levers or all")
+    if seconds <= 0:
+        raise UserError(f"--seconds {seconds}: must be positive")
+    cfgs = {p: preset_config(p) for p in presets}
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.is_dir():
+        raise UserError(f"{out_path}: is a directory; --out takes a JSON file path")
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                           "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                                       "torch": torch.__version__},
+                           "threads": torch.get_num_threads(), "seconds": seconds, "rows": []}
+    peak_start = matmul_peak(seconds)
+    log.info("matmul peak %.1f GFLOP/s", peak_start / 1e9)
+    res["flop_checks"] = [{"preset": p, **check_flop_estimates(c)} for p, c in cfgs.items()]
+    for preset, cfg in cfgs.items():
+        if what in ("scoring", "all"):
+            for batch in (1, 8):
+                r = bench_scoring(cfg, batch, seconds)
+                res["rows"].append({"preset": preset, "what": "scoring", **r})
+                log.info("%s scoring batch %d: %.3f img/s", preset, batch, r["images_per_s"])
+        if what in ("train", "all"):
+            r = bench_training(cfg, 8, seconds)
+            res["rows"].append({"preset": preset, "what": "training", **r})
+            log.info("%s training batch 8: %.3f img/s", preset, r["images_per_s"])
+    peak_end = matmul_peak(seconds)
+    peak = max(peak_start, peak_end)  # the box is shared: the better of the two is the closer to its real peak
+    res.update(peak_start=peak_start, peak_end=peak_end, peak_flops_per_s=peak)
+    for r in res["rows"]:
+        r["fraction_of_peak"] = r["flops_per_s"] / peak
+    if what in ("levers", "all"):
+        res["levers"] = _levers(cfgs[presets[0]], seconds, 8, peak)
+    table = format_table(res)
+    (stream or sys.stdout).write(table + "\n")
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, out_path)
+    return res
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,526 @@
+"""`mae-ad evaluate` and `mae-ad predict`: score labelled test images (metrics, report, plots) or loose images
+(maps, overlays, scores.csv).
+
+The decision threshold always comes from the bundle's calibration (held-back NORMAL training images); test labels
+are used to measure, never to fit. The one exception, the best F1 over all thresholds, is labelled as an oracle.
+Outputs are written into a temporary sibling directory and renamed into place: an error leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from . import metrics as M
+from .config import config_from_dict, read_yaml
+from .contract import BUNDLE_CONFIG, UserError, read_bundle_meta, read_calibration, write_json_atomic
+from .data import IMAGE_EXTS, Sample, image_shape, index_dataset, list_images, read_image, read_mask
+
+log = logging.getLogger(__name__)
+
+FPR_LIMIT = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate (MVTec AD)
+N_CASES = 3  # images per case group in the report
+
+
+def _refuse_existing(out: Path, what: str) -> None:
+    """Fail before any work if `out` cannot be created (bundle.staged_dir checks again when writing)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the {what} "
+                        "(choose another --out)")
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+# --- evaluate --------------------------------------------------------------------------------------------------
+def _load_test_set(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images [N, 3, S, S], masks [N, S, S] bool and has_mask [N] (good images: all-normal, so True)."""
+    images = np.empty((len(samples), 3, size, size), np.float32)
+    masks = np.zeros((len(samples), size, size), bool)
+    has_mask = np.ones(len(samples), bool)
+    for i, s in enumerate(samples):
+        images[i] = read_image(s.path, size)
+        if s.label == 0:
+            continue
+        if s.mask is None:
+            has_mask[i] = False
+            continue
+        masks[i] = read_mask(s.mask, size, expect_shape=image_shape(s.path)) > 0.5
+    return images, masks, has_mask
+
+
+def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, curves: dict[str, Any], key: str) -> dict[str, Any]:
+    """Pixel AUROC and AUPRO of the images given; their PRO curve goes into `curves[key]` for the plot."""
+    if not masks.any() or masks.all():
+        return {"pixel_auroc": None, "aupro": None}
+    fpr, pro, _ = M.pro_curve(masks, maps)
+    curves[key] = _thin_curve(fpr, pro, FPR_LIMIT)
+    return {"pixel_auroc": _finite(M.pixel_auroc(masks, maps)),
+            "aupro": _finite(M.area_until(fpr, pro, FPR_LIMIT) / FPR_LIMIT)}
+
+
+def _thin_curve(x: np.ndarray, y: np.ndarray, x_max: float, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """At most ~2n points of a monotone curve up to just past x_max, for plotting (a pixel-level curve has one
+    point per distinct map value: millions). Keeps the first and last point at each of n x-positions."""
+    end = min(x.size, int(np.searchsorted(x, x_max, side="right")) + 1)
+    x, y = x[:end], y[:end]
+    if x.size <= 2 * n:
+        return x, y
+    grid = np.linspace(0.0, float(x[-1]), n)
+    keep = np.unique(np.r_[np.searchsorted(x, grid, side="left"), np.searchsorted(x, grid, side="right") - 1,
+                           0, x.size - 1].clip(0, x.size - 1))
+    return x[keep], y[keep]
+
+
+def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
+                   batch_size: int = 8) -> dict[str, Any]:
+    """Score the test images of `data` with the bundle's calibrated scorer; write metrics.json, scores.csv,
+    report.md and plots/ into the new directory `out`. Returns the metrics dict."""
+    bundle, data, out = Path(bundle), Path(data), Path(out)
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    # Every check that needs no model comes first (and without torch): a bad folder, image or mask fails in
+    # seconds, before the model is loaded or anything is scored.
+    _refuse_existing(out, "evaluation report")
+    index = index_dataset(data, need_test=True)
+    read_bundle_meta(bundle)
+    cal = read_calibration(bundle)
+    size = config_from_dict(read_yaml(bundle / BUNDLE_CONFIG), str(bundle / BUNDLE_CONFIG)).model.img_size
+    samples = index.test
+    t_io = time.perf_counter()
+    images, masks, has_mask = _load_test_set(samples, size)
+    t_io = time.perf_counter() - t_io
+
+    import torch
+
+    from .bundle import load_scorer, staged_dir
+    from .scoring import score_batches
+
+    scorer, _, meta = load_scorer(bundle, require_calibration=True)
+    if scorer.cfg.model.img_size != size:  # pragma: no cover - the same config file read twice
+        raise UserError(f"{bundle / BUNDLE_CONFIG}: changed while evaluating")
+    threshold = float(cal["threshold"])
+    labels = np.array([s.label for s in samples], np.int64)
+    defects = np.array([s.defect for s in samples])
+    n_unmasked = int(np.sum((labels == 1) & ~has_mask))
+    if n_unmasked:
+        log.warning("%d defect image(s) have no mask under %s: they count for the image metrics only",
+                    n_unmasked, data / "ground_truth")
+
+    t0 = time.perf_counter()
+    maps_t, scores_t = score_batches(scorer, torch.from_numpy(images), batch_size)
+    t_score = time.perf_counter() - t0
+    maps = maps_t[:, 0].cpu().numpy().astype(np.float32, copy=False)
+    scores = scores_t.double().cpu().numpy()
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise UserError(f"{bundle}: the model gives non-finite scores (first for {samples[bad[0]].path}); "
+                        "its weights are probably broken")
+
+    pix = has_mask  # images whose every pixel has a known label
+    result: dict[str, Any] = {}
+    result.update(M.image_metrics(labels, scores, threshold))
+    curves: dict[str, Any] = {}
+    result.update(_pixel_metrics(masks[pix], maps[pix], curves, "all"))
+    per_defect: dict[str, Any] = {}
+    for t in index.defect_types:
+        sel = (defects == "good") | (defects == t)
+        im = M.image_metrics(labels[sel], scores[sel], threshold)
+        pm = _pixel_metrics(masks[sel & pix], maps[sel & pix], curves, t)
+        per_defect[t] = {
+            "n": int(np.sum(defects == t)), "n_without_mask": int(np.sum((defects == t) & ~has_mask)),
+            "image_auroc": _finite(im["image_auroc"]), "pixel_auroc": pm["pixel_auroc"], "aupro": pm["aupro"],
+            "f1": im["f1"], "recall": im["recall"], "f1_oracle_best": im["f1_oracle_best"],
+        }
+    n_good = int(np.sum(labels == 0))
+    result.update({
+        "image_auroc": _finite(result["image_auroc"]),
+        "threshold": threshold,
+        "threshold_source": "bundle calibration (held-back normal training images; no test labels)",
+        "calibration": cal,
+        "false_alarm_rate_test_good": result["confusion"]["fp"] / n_good,
+        "aupro_fpr_limit": FPR_LIMIT,
+        "per_defect": per_defect,
+        "n_images": len(samples),
+        "n_good": n_good,
+        "n_defect": int(np.sum(labels == 1)),
+        "n_defect_without_mask": n_unmasked,
+        "n_pixel_metric_images": int(np.sum(pix)),
+        "eval_size": size,
+        "model_id": meta.get("model_id"),
+        "bundle": str(bundle),
+        "data": str(data),
+        "layout": index.layout,
+        "seconds_per_image": t_score / len(samples),
+        "seconds_per_image_with_io": (t_score + t_io) / len(samples),
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+
+    with staged_dir(out, "evaluation report") as d:
+        write_json_atomic(d / "metrics.json", result)
+        _write_scores_csv(d / "scores.csv", samples, data, scores, has_mask, threshold)
+        (d / "plots").mkdir()
+        plots = _write_plots(d / "plots", scorer, samples, images, masks, has_mask, maps, labels, defects,
+                             scores, threshold, result, curves)
+        (d / "report.md").write_text(_report_markdown(result, plots))
+    log.info("evaluation written to %s", out)
+    return result
+
+
+def _write_scores_csv(path: Path, samples: list[Sample], root: Path, scores: np.ndarray, has_mask: np.ndarray,
+                      threshold: float) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "defect", "label", "has_mask", "score", "anomalous"])
+        for s, sc, hm in zip(samples, scores, has_mask, strict=True):
+            rel = s.path.relative_to(root) if s.path.is_relative_to(root) else s.path
+            w.writerow([str(rel), s.defect, s.label, int(bool(hm)), repr(float(sc)), int(sc > threshold)])
+
+
+# --- plots (matplotlib Figure objects with the Agg canvas: no pyplot, no global state) --------------------------
+def _figure(w: float, h: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+
+
+def _write_plots(d: Path, scorer: Any, samples: list[Sample], images: np.ndarray, masks: np.ndarray,
+                 has_mask: np.ndarray, maps: np.ndarray, labels: np.ndarray, defects: np.ndarray,
+                 scores: np.ndarray, threshold: float, result: dict[str, Any],
+                 curves: dict[str, Any]) -> dict[str, str]:
+    plots: dict[str, str] = {}
+    types = sorted(result["per_defect"])
+
+    fig = _figure(5.5, 5)
+    ax = fig.add_subplot()
+    fpr, tpr, _ = M.roc_curve(labels, scores)
+    ax.plot(fpr, tpr, lw=2, color="k", label=f"all defects (AUROC {result['image_auroc']:.3f})")
+    for t in types:
+        sel = (defects == "good") | (defects == t)
+        f, r, _ = M.roc_curve(labels[sel], scores[sel])
+        ax.plot(f, r, lw=1, label=f"{t} ({result['per_defect'][t]['image_auroc']:.3f})")
+    at = result["confusion"]
+    ax.scatter([at["fp"] / max(1, at["fp"] + at["tn"])], [at["tp"] / max(1, at["tp"] + at["fn"])], color="red",
+               zorder=5, label="calibrated threshold")
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.set(xlabel="false-positive rate (good images)", ylabel="true-positive rate (defect images)",
+           title="Image-level ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(d / "roc.png")
+    plots["roc"] = "plots/roc.png"
+
+    fig = _figure(6.5, 4)
+    ax = fig.add_subplot()
+    lo, hi = float(min(scores.min(), threshold)), float(max(scores.max(), threshold))
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 31)
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"good (n={int(np.sum(labels == 0))})", color="tab:green")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"defect (n={int(np.sum(labels == 1))})", color="tab:red")
+    ax.axvline(threshold, color="k", lw=2, label=f"calibrated threshold {threshold:.4g}")
+    ax.axvline(result["f1_oracle_threshold"], color="grey", ls="--", lw=1,
+               label="best-F1 threshold (oracle, from test labels)")
+    ax.set(xlabel="image score", ylabel="images", title="Image scores: good vs defect")
+    ax.legend(fontsize=8)
+    fig.savefig(d / "score_hist.png")
+    plots["score_hist"] = "plots/score_hist.png"
+
+    if "all" in curves:
+        fig = _figure(5.5, 4.5)
+        ax = fig.add_subplot()
+        f, p = curves["all"]
+        ax.plot(f, p, lw=2, color="k", label=f"all defects (AUPRO {result['aupro']:.3f})")
+        for t in types:
+            if t in curves:
+                f, p = curves[t]
+                ax.plot(f, p, lw=1, label=f"{t} ({result['per_defect'][t]['aupro']:.3f})")
+        ax.set(xlabel="false-positive rate (defect-free pixels)", ylabel="per-region overlap (PRO)",
+               title=f"PRO curve (AUPRO integrates up to FPR {FPR_LIMIT})", xlim=(0, FPR_LIMIT), ylim=(0, 1.01))
+        ax.legend(loc="lower right", fontsize=8)
+        fig.savefig(d / "pro.png")
+        plots["pro"] = "plots/pro.png"
+
+    order = np.argsort(-scores, kind="stable")
+    defect_idx = [int(i) for i in order if labels[i] == 1]
+    good_idx = [int(i) for i in order if labels[i] == 0]
+    groups = {
+        "cases_defect_highest": ("Defects with the highest scores (best detected)", defect_idx[:N_CASES]),
+        "cases_defect_lowest": ("Defects with the lowest scores (hardest to detect)", defect_idx[::-1][:N_CASES]),
+        "cases_good_highest": ("Good images with the highest scores (closest to false alarms)", good_idx[:N_CASES]),
+    }
+    good_px = maps[labels == 0]
+    vmin = float(np.median(good_px))
+    vmax = float(max(threshold, np.percentile(maps, 99.9)))
+    if vmax <= vmin:
+        vmax = vmin + 1e-6
+    for name, (title, idx) in groups.items():
+        if not idx:
+            continue
+        recon = _reconstruct(scorer, images[idx])
+        _case_figure(d / f"{name}.png", title, [samples[i] for i in idx], images[idx], recon, masks[idx],
+                     has_mask[idx], maps[idx], scores[idx], threshold, vmin, vmax)
+        plots[name] = f"plots/{name}.png"
+    return plots
+
+
+def _reconstruct(scorer: Any, images: np.ndarray) -> np.ndarray:
+    import torch
+
+    return scorer.reconstruction(torch.from_numpy(np.ascontiguousarray(images))).cpu().numpy()
+
+
+def _case_figure(path: Path, title: str, samples: list[Sample], images: np.ndarray, recon: np.ndarray,
+                 masks: np.ndarray, has_mask: np.ndarray, maps: np.ndarray, scores: np.ndarray, threshold: float,
+                 vmin: float, vmax: float) -> None:
+    n = len(samples)
+    fig = _figure(11, 2.9 * n)
+    fig.suptitle(title)
+    axes = fig.subplots(n, 4, squeeze=False)
+    for r in range(n):
+        img = images[r].transpose(1, 2, 0)
+        s = samples[r]
+        axes[r, 0].imshow(img)
+        axes[r, 0].set_title(f"{s.defect}/{s.path.name}", fontsize=8)
+        axes[r, 1].imshow(img)
+        if s.label == 1 and not has_mask[r]:
+            axes[r, 1].set_title("ground truth: no mask", fontsize=8)
+        else:
+            if masks[r].any():
+                axes[r, 1].contour(masks[r].astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+            axes[r, 1].set_title("ground truth" + ("" if masks[r].any() else ": none (good)"), fontsize=8)
+        axes[r, 2].imshow(recon[r].transpose(1, 2, 0))
+        axes[r, 2].set_title("K-mask reconstruction", fontsize=8)
+        axes[r, 3].imshow(img)
+        im = axes[r, 3].imshow(maps[r], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
+        if (maps[r] > threshold).any():
+            axes[r, 3].contour((maps[r] > threshold).astype(float), levels=[0.5], colors="white", linewidths=0.8)
+        verdict = "ANOMALOUS" if scores[r] > threshold else "normal"
+        axes[r, 3].set_title(f"score {scores[r]:.4g} ({verdict})", fontsize=8)
+        fig.colorbar(im, ax=axes[r, 3], fraction=0.046)
+        for a in axes[r]:
+            a.set_axis_off()
+    fig.savefig(path)
+
+
+# --- report ------------------------------------------------------------------------------------------------------
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.4f}"
+    return str(x)
+
+
+def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
+    cal = r["calibration"]
+    conf = r["confusion"]
+    L: list[str] = []
+    L += [f"# Evaluation report: {r['model_id']}", ""]
+    L += [f"- Bundle: `{r['bundle']}`", f"- Data: `{r['data']}` ({r['layout']} layout), evaluated at "
+          f"{r['eval_size']}x{r['eval_size']} px",
+          f"- Test images: {r['n_images']} ({r['n_good']} good, {r['n_defect']} defect in "
+          f"{len(r['per_defect'])} types)",
+          f"- Scoring time: {r['seconds_per_image'] * 1000:.1f} ms per image "
+          f"({r['seconds_per_image_with_io'] * 1000:.1f} ms with image reading), batch {r['batch_size']}, "
+          f"{r['torch_threads']} CPU threads",
+          f"- Created: {r['created']}", ""]
+    if r["n_defect_without_mask"]:
+        L += [f"> {r['n_defect_without_mask']} defect image(s) have no ground-truth mask: they count for the "
+              "image metrics (AUROC, F1) but not for pixel AUROC or AUPRO.", ""]
+    L += ["## Results", "", "| metric | value |", "|---|---|",
+          f"| image AUROC | {_fmt(r['image_auroc'])} |",
+          f"| pixel AUROC | {_fmt(r['pixel_auroc'])} |",
+          f"| AUPRO (FPR <= {r['aupro_fpr_limit']}) | {_fmt(r['aupro'])} |",
+          f"| F1 at the calibrated threshold | {_fmt(r['f1'])} (precision {_fmt(r['precision'])}, "
+          f"recall {_fmt(r['recall'])}) |",
+          f"| false-alarm rate on test good images | {_fmt(r['false_alarm_rate_test_good'])} "
+          f"(target {_fmt(cal.get('target_fpr'))}) |",
+          f"| best F1 over all thresholds (**oracle**) | {_fmt(r['f1_oracle_best'])} at threshold "
+          f"{r['f1_oracle_threshold']:.4g} |", "",
+          f"Confusion at the calibrated threshold: TP {conf['tp']}, FP {conf['fp']}, TN {conf['tn']}, "
+          f"FN {conf['fn']}.", ""]
+    L += ["## The threshold", "",
+          f"Threshold **{r['threshold']:.6g}** (an image is anomalous when its score is above it) comes from the "
+          "bundle's calibration: it was set on held-back NORMAL training images "
+          f"({cal.get('n_threshold_images', cal.get('n_images', '?'))} images kept out of training), as "
+          f"`{cal.get('method', 'quantile of normal scores')}` with target false-alarm rate "
+          f"{cal.get('target_fpr', '?')}. No test image or test label was used to choose it.",
+          "",
+          "The *oracle* best F1 picks the threshold that maximises F1 on these test labels; a deployed system "
+          "cannot do that, so it is an upper bound that shows how much a better threshold could gain, not a "
+          "result.", ""]
+    L += ["## Per defect type (each type against all good test images)", "",
+          "| type | n | image AUROC | pixel AUROC | AUPRO | F1 | recall | best F1 (oracle) |",
+          "|---|---|---|---|---|---|---|---|"]
+    for t, m in r["per_defect"].items():
+        n = f"{m['n']}" + (f" ({m['n_without_mask']} no mask)" if m["n_without_mask"] else "")
+        L.append(f"| {t} | {n} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | {_fmt(m['aupro'])} | "
+                 f"{_fmt(m['f1'])} | {_fmt(m['recall'])} | {_fmt(m['f1_oracle_best'])} |")
+    L.append("")
+    titles = {
+        "roc": "Image-level ROC (red dot: the calibrated threshold)",
+        "score_hist": "Score histogram, good vs defect, with the calibrated threshold",
+        "pro": "PRO curve up to the AUPRO limit",
+        "cases_defect_highest": "Defects with the highest scores",
+        "cases_defect_lowest": "Defects with the lowest scores",
+        "cases_good_highest": "Good images with the highest scores",
+    }
+    L += ["## Plots", ""]
+    for key, rel in plots.items():
+        L += [f"### {titles.get(key, key)}", "", f"![{key}]({rel})", ""]
+    L += ["Case rows: image | ground-truth contour (green) | K-mask reconstruction | anomaly map over the image "
+          "(one colour scale for all cases: median of good-image pixels to the larger of the threshold and the "
+          "99.9th percentile; white contour: pixels above the image threshold).", ""]
+    L += ["## Definitions", "",
+          "- image AUROC: probability that a random defect image scores above a random good image (ties count 1/2).",
+          "- pixel AUROC: the same over all pixels of the good images and of the defect images that have a mask.",
+          "- AUPRO: for each threshold, PRO = mean over ground-truth regions (8-connected components, per image) of "
+          "the share of the region's pixels above the threshold; FPR = share of defect-free pixels above it. "
+          f"The PRO-vs-FPR curve is integrated up to FPR {r['aupro_fpr_limit']} and divided by "
+          f"{r['aupro_fpr_limit']} (MVTec AD).",
+          "- F1: at the calibrated threshold, image level, 2TP / (2TP + FP + FN).",
+          "- Maps and masks are compared at the model's input resolution (masks resized nearest-neighbour).",
+          "- `scores.csv` lists every test image's score; `metrics.json` holds every figure above.", ""]
+    return "\n".join(L)
+
+
+# --- predict -----------------------------------------------------------------------------------------------------
+def _collect_images(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for p in inputs:
+        p = Path(p)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+        elif p.is_file():
+            found = [p]
+        else:
+            raise UserError(f"{p}: image not found")
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    if not files:
+        raise UserError("no images given")
+    return files
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    name, k = stem, 2
+    while name in used:
+        name, k = f"{stem}-{k}", k + 1
+    used.add(name)
+    return name
+
+
+def _read_display_bgr(path: Path) -> np.ndarray:
+    img = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise UserError(f"{path}: unreadable or truncated image")
+    return img
+
+
+def heatmap_u8(amap: np.ndarray, scale: float) -> np.ndarray:
+    """Anomaly map -> uint8 [0, 255] as clip(map / scale, 0, 1) * 255 (scale = 2 x threshold: the threshold is
+    mid-grey)."""
+    return (np.clip(amap / scale, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def overlay_bgr(image_bgr: np.ndarray, amap: np.ndarray, scale: float, threshold: float | None,
+                text: str) -> np.ndarray:
+    """Jet heatmap of `amap` blended over the image at the image's own size, threshold contour, a caption."""
+    h, w = image_bgr.shape[:2]
+    amap_full = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(heatmap_u8(amap_full, scale), cv2.COLORMAP_JET)
+    out = cv2.addWeighted(image_bgr, 0.5, heat, 0.5, 0.0)
+    if threshold is not None:
+        above = (amap_full > threshold).astype(np.uint8)
+        contours, _ = cv2.findContours(above, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, round(min(h, w) / 200)))
+    fs = max(0.4, min(h, w) / 400)
+    tw = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, fs, 1)[0][0]
+    fs = min(fs, fs * (w - 8) / max(1, tw))  # shrink to fit the width; too small images get no caption
+    if fs >= 0.3:
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, fs, 1)
+        cv2.rectangle(out, (0, 0), (tw + 8, th + base + 8), (0, 0, 0), -1)
+        cv2.putText(out, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, fs, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> None:
+    ok, buf = cv2.imencode(path.suffix, img, params or [])
+    if not ok:
+        raise OSError(f"{path}: could not encode image")
+    buf.tofile(str(path))
+
+
+def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | os.PathLike[str],
+                batch_size: int = 8) -> Path:
+    """Score image files (or every image in given folders): write <stem>_map.png, <stem>_overlay.jpg and
+    scores.csv into the new directory `out`. Returns `out`."""
+    out = Path(out)
+    _refuse_existing(out, "predictions")
+    files = _collect_images(list(images))
+    read_bundle_meta(bundle)
+
+    import torch
+
+    from .bundle import load_scorer, staged_dir
+    from .scoring import score_batches
+
+    scorer, cal, _meta = load_scorer(bundle)
+    threshold = float(cal["threshold"]) if cal is not None else None
+    if threshold is None:
+        log.warning("%s: bundle has no calibration; scores.csv will have no threshold or verdict", bundle)
+    size = scorer.cfg.model.img_size
+    rows: list[list[str]] = []
+    used: set[str] = set()
+    with staged_dir(out, "predictions") as d:
+        scale = 2.0 * threshold if threshold is not None and threshold > 0 else None
+        pending: list[tuple[Path, str, np.ndarray, float]] = []
+        for i in range(0, len(files), batch_size):
+            chunk = files[i:i + batch_size]
+            arr = np.stack([read_image(p, size) for p in chunk])
+            maps, scores = score_batches(scorer, torch.from_numpy(arr), batch_size)
+            for p, m, s in zip(chunk, maps[:, 0].cpu().numpy(), scores.double().cpu().numpy(), strict=True):
+                if not np.isfinite(s):
+                    raise UserError(f"{bundle}: the model gives a non-finite score for {p}")
+                stem = _unique_stem(p.stem, used)
+                if scale is None:  # uncalibrated: one scale for the whole run, set after scoring
+                    pending.append((p, stem, m, float(s)))
+                else:
+                    rows.append(_write_prediction(d, p, stem, m, float(s), threshold, scale))
+        if pending:
+            top = max(float(np.max(m)) for _, _, m, _ in pending)
+            scale = top if top > 0 else 1.0
+            for p, stem, m, s in pending:
+                rows.append(_write_prediction(d, p, stem, m, s, threshold, scale))
+        with open(d / "scores.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "score", "threshold", "anomalous", "map", "overlay"])
+            w.writerows(rows)
+    log.info("%d prediction(s) written to %s", len(rows), out)
+    return out
+
+
+def _write_prediction(d: Path, path: Path, stem: str, amap: np.ndarray, score: float, threshold: float | None,
+                      scale: float) -> list[str]:
+    anomalous = threshold is not None and score > threshold
+    _imwrite(d / f"{stem}_map.png", heatmap_u8(amap, scale))
+    verdict = "" if threshold is None else (" ANOMALOUS" if anomalous else " ok")
+    text = f"score {score:.4g}" + (f" / thr {threshold:.4g}" if threshold is not None else "") + verdict
+    _imwrite(d / f"{stem}_overlay.jpg", overlay_bgr(_read_display_bgr(path), amap, scale, threshold, text),
+             [cv2.IMWRITE_JPEG_QUALITY, 90])
+    return [str(path), repr(score), "" if threshold is None else repr(threshold),
+            "" if threshold is None else str(int(anomalous)), f"{stem}_map.png", f"{stem}_overlay.jpg"]

@@ -1,0 +1,197 @@
+"""`mae-ad sweep`: a small grid or random search over config keys; each trial trains, evaluates and adds a row.
+
+The search space is a YAML mapping from dotted config keys to lists of values, for example
+
+    train.mask_ratio: [0.5, 0.75]
+    model.preset: [tiny-p8, tiny-p8-d2]
+    scoring.sigma: [2, 4]
+
+Every combination (grid) or `trials` random draws of one value per key (random) is one trial: the base config
+plus the trial's values as `--set` overrides, trained with `mae_ad.train.run_training`, evaluated with
+`mae_ad.evaluate.run_evaluation`. Layout of `out`:
+
+    out/results.csv            one row per finished trial (rewritten atomically after each trial)
+    out/trial-000/bundle       the trained bundle (its logs in trial-000/bundle.run)
+    out/trial-000/eval         the evaluation report
+    out/tensorboard            hparams of every trial (when TensorBoard is installed)
+
+MLflow gets a run per trial when `mlflow` is importable (its tracking URI comes from the environment as usual).
+Every trial's configuration is validated before the first one trains, so a typo fails in seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config, apply_overrides, config_from_dict, read_yaml
+from .contract import UserError
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1")
+TrainFn = Callable[..., Path]
+EvalFn = Callable[..., dict[str, Any]]
+
+
+def read_space(path: str | Path) -> dict[str, list[Any]]:
+    """Read and check a search space file: {dotted.key: [values...]} with at least one value per key."""
+    data = read_yaml(path)
+    if not data:
+        raise UserError(f"{path}: empty search space (expected keys like `train.mask_ratio: [0.5, 0.75]`)")
+    space: dict[str, list[Any]] = {}
+    for key, values in data.items():
+        if not isinstance(key, str) or "." not in key:
+            raise UserError(f"{path}: key {key!r}: expected a dotted config key such as train.mask_ratio")
+        if not isinstance(values, list):
+            values = [values]
+        if not values:
+            raise UserError(f"{path}: {key}: empty list of values")
+        space[key] = values
+    return space
+
+
+def _format(value: Any) -> str:
+    """A value as a `--set` right-hand side that YAML reads back as the same value."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def make_trials(space: dict[str, list[Any]], mode: str = "grid", trials: int | None = None, seed: int = 0
+                ) -> list[dict[str, Any]]:
+    """The trials' parameter dicts. grid: every combination (first `trials` of them when given); random:
+    `trials` distinct draws (default 8; no more than the grid holds)."""
+    keys = list(space)
+    grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(space[k] for k in keys))]
+    if mode == "grid":
+        return grid[:trials] if trials else grid
+    if mode != "random":
+        raise UserError(f"--mode {mode!r}: expected grid or random")
+    n = min(trials or 8, len(grid))
+    return random.Random(seed).sample(grid, n)
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], source: str) -> Config:
+    sets = [f"{k}={_format(v)}" for k, v in params.items()]
+    return config_from_dict(apply_overrides(base, sets), f"{source} (trial {', '.join(sets)})")
+
+
+def _write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _hparam_value(v: Any) -> Any:
+    return v if isinstance(v, (int, float, str, bool)) else str(v)
+
+
+class _Trackers:
+    """TensorBoard hparams and (if importable) MLflow, both optional; a tracker failure never stops a sweep."""
+
+    def __init__(self, out: Path, tensorboard: bool):
+        self.tb_dir = out / "tensorboard" if tensorboard else None
+        try:
+            import mlflow  # type: ignore[import-not-found]
+
+            self.mlflow: Any = mlflow
+        except ImportError:
+            self.mlflow = None
+
+    def log(self, name: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        hp = {k: _hparam_value(v) for k, v in params.items()}
+        if self.tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                with SummaryWriter(str(self.tb_dir / name)) as w:
+                    w.add_hparams(hp, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+            except Exception as e:  # noqa: BLE001 - tracking is optional
+                log.warning("tensorboard hparams not written for %s: %s", name, e)
+        if self.mlflow is not None:
+            try:
+                with self.mlflow.start_run(run_name=name):
+                    self.mlflow.log_params(hp)
+                    self.mlflow.log_metrics(metrics)
+            except Exception as e:  # noqa: BLE001
+                log.warning("mlflow logging failed for %s: %s", name, e)
+
+
+def run_sweep(
+    space_file: str | Path, data: str | Path, out: str | Path, config: str | Path | None = None,
+    overrides: list[str] | None = None, mode: str = "grid", trials: int | None = None, seed: int = 0,
+    tensorboard: bool = True, train_fn: TrainFn | None = None, eval_fn: EvalFn | None = None,
+) -> list[dict[str, Any]]:
+    """Run the search; returns the result rows (also in out/results.csv). A failing trial is recorded with its
+    error and the sweep goes on; configuration mistakes are refused before anything trains."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite a sweep (choose another --out)")
+    if not Path(data).is_dir():
+        raise UserError(f"{data}: data folder not found")
+    space = read_space(space_file)
+    base = apply_overrides(read_yaml(config) if config is not None else {}, overrides)
+    source = str(config) if config is not None else "<defaults>"
+    plan = make_trials(space, mode, trials, seed)
+    configs = [trial_config(base, p, source) for p in plan]  # every trial validated up front
+    if train_fn is None:
+        from .train import run_training as train_fn
+    if eval_fn is None:
+        from .evaluate import run_evaluation as eval_fn
+
+    out.mkdir(parents=True, exist_ok=True)
+    trackers = _Trackers(out, tensorboard)
+    rows: list[dict[str, Any]] = []
+    log.info("sweep: %d trials (%s) over %s", len(plan), mode, ", ".join(space))
+    for i, (params, cfg) in enumerate(zip(plan, configs, strict=True)):
+        name = f"trial-{i:03d}"
+        tdir = out / name
+        tdir.mkdir()
+        row: dict[str, Any] = {"trial": name, **{k: _hparam_value(v) for k, v in params.items()}}
+        t0 = time.monotonic()
+        try:
+            bundle = train_fn(cfg, data, tdir / "bundle")
+            t1 = time.monotonic()
+            metrics = eval_fn(bundle, data, tdir / "eval")
+            row.update({k: metrics.get(k) for k in METRIC_KEYS})
+            row.update({"train_s": round(t1 - t0, 1), "eval_s": round(time.monotonic() - t1, 1),
+                        "status": "ok", "error": ""})
+            trackers.log(name, params, {k: float(v) for k, v in row.items() if k in METRIC_KEYS
+                                        and isinstance(v, (int, float))})
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad trial must not lose the others
+            log.exception("sweep %s failed", name)
+            row.update({k: None for k in METRIC_KEYS})
+            row.update({"train_s": round(time.monotonic() - t0, 1), "eval_s": None, "status": "failed",
+                        "error": f"{type(e).__name__}: {e}".replace("\n", " ")[:300]})
+        rows.append(row)
+        _write_csv_atomic(out / "results.csv", rows)
+        log.info("sweep %s: %s", name, {k: row.get(k) for k in (*METRIC_KEYS, "status")})
+    return rows
+
+
+__all__ = ["make_trials", "read_space", "run_sweep", "trial_config"]

@@ -1,0 +1,140 @@
+"""Pretrained loading: official MAE .pth (weights_only) and timm .safetensors, patch-embedding resampling, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
+
+from mae_ad.checkpoint import load_pretrained
+from mae_ad.config import load_config
+from mae_ad.contract import UserError
+from mae_ad.model import build_model, sincos_pos_embed_2d
+
+from .conftest import tiny_overrides
+
+
+def timm_encoder_state(embed_dim: int = 32, depth: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny timm ViT (patch 16, 128 px -> the same 8x8 grid as the 32 px / patch 4 test model)."""
+    torch.manual_seed(seed)
+    vit = VisionTransformer(img_size=128, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=2, num_classes=0)
+    with torch.no_grad():
+        for p in vit.parameters():  # non-trivial values everywhere, so "landed exactly" means something
+            p.add_(torch.randn_like(p) * 0.02)
+    return {k: v.clone() for k, v in vit.state_dict().items()}
+
+
+def official_mae_file(tmp_path, **kw) -> tuple:
+    state = timm_encoder_state(**kw)
+    state["pos_embed"] = sincos_pos_embed_2d(state["cls_token"].shape[-1], 8)  # MAE: fixed sin-cos
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": state}, path)
+    return path, state
+
+
+def smooth_image(size: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    return torch.stack([torch.sin(3 * xx + yy), torch.cos(2 * yy - xx), xx * yy]).unsqueeze(0)
+
+
+def test_official_mae_checkpoint_loads_blocks_exactly_and_resamples_patch_embed(tmp_path, caplog):
+    path, src = official_mae_file(tmp_path)
+    model = build_model(load_config(None, tiny_overrides()).model)
+    with caplog.at_level(logging.INFO, logger="mae_ad.checkpoint"):
+        report = load_pretrained(model, path)
+    own = model.state_dict()
+    for key in ("blocks.0.attn.qkv.weight", "blocks.1.attn.proj.weight", "blocks.1.mlp.fc2.bias", "norm.weight",
+                "blocks.0.norm1.bias", "cls_token"):
+        assert torch.equal(own[key], src[key]), key
+    assert type(model.blocks[0].attn.qkv).__module__.startswith("loralib")  # base weight inside the LoRA layer
+    assert torch.count_nonzero(model.blocks[0].attn.qkv.lora_B) == 0  # adapters start as a no-op
+    # The resampled 4x4 kernel answers a resized smooth image about as the 16x16 kernel answered the original
+    # (the pseudo-inverse property); a plain resize of the kernel is far off.
+    x = smooth_image(128)
+    ref = F.conv2d(x, src["patch_embed.proj.weight"], stride=16)
+    small = F.interpolate(x, size=(32, 32), mode="bicubic", antialias=True)
+    got = F.conv2d(small, model.patch_embed.proj.weight, stride=4)
+    naive = F.conv2d(small, F.interpolate(src["patch_embed.proj.weight"], size=(4, 4), mode="bicubic",
+                                          antialias=True), stride=4)
+    rel = float((got - ref).detach().norm() / ref.norm())
+    naive = naive.detach()
+    assert rel < 0.25 and rel < 0.3 * float((naive - ref).norm() / ref.norm())
+    # One log message with the whole story.
+    msgs = [r.getMessage() for r in caplog.records if r.name == "mae_ad.checkpoint"]
+    assert len(msgs) == 1
+    msg = msgs[0]
+    assert "resampled 16x16 -> 4x4" in msg and "fixed sin-cos" in msg and "decoder" in msg and "LoRA" in msg
+    assert any(k.startswith("decoder_") for k in report["missing"])
+    assert not [k for k in report["missing"] if k.startswith("blocks.") and "lora_" not in k]
+
+
+def test_timm_safetensors_with_learned_pos_embed_and_head(tmp_path, caplog):
+    state = timm_encoder_state(seed=3)
+    state["pos_embed"] = torch.randn_like(state["pos_embed"])  # learned
+    state["head.weight"], state["head.bias"] = torch.randn(10, 32), torch.zeros(10)
+    path = tmp_path / "vit.safetensors"
+    save_file(state, str(path))
+    model = build_model(load_config(None, tiny_overrides()).model)
+    pos_before = model.pos_embed.clone()
+    with caplog.at_level(logging.INFO, logger="mae_ad.checkpoint"):
+        report = load_pretrained(model, path)
+    assert torch.equal(model.state_dict()["blocks.1.attn.qkv.weight"], state["blocks.1.attn.qkv.weight"])
+    assert torch.equal(model.pos_embed, pos_before)  # fixed sin-cos kept
+    assert set(report["unexpected"]) == {"head.weight", "head.bias"}
+    msg = caplog.records[-1].getMessage()
+    assert "learned" in msg and "head.weight" in msg
+
+
+def test_other_architecture_is_a_user_error_naming_file_and_key(tmp_path):
+    model = build_model(load_config(None, tiny_overrides()).model)
+    wide, _ = official_mae_file(tmp_path, embed_dim=48)
+    with pytest.raises(UserError) as e:
+        load_pretrained(model, wide)
+    assert str(wide) in str(e.value) and "cls_token" in str(e.value) and "(1, 1, 48)" in str(e.value)
+
+    deep = tmp_path / "deep.pth"
+    torch.save({"model": timm_encoder_state(depth=3)}, deep)
+    with pytest.raises(UserError, match=r"blocks\.2\.") as e:
+        load_pretrained(model, deep)
+    assert str(deep) in str(e.value)
+
+    shallow = tmp_path / "shallow.pth"
+    torch.save({"model": timm_encoder_state(depth=1)}, shallow)
+    with pytest.raises(UserError, match=r"blocks\.1\..*lacks"):
+        load_pretrained(model, shallow)
+
+
+class _NotTensor:  # anything a weights-only load must refuse to build
+    pass
+
+
+def test_pickled_objects_are_refused_and_missing_file(tmp_path):
+    model = build_model(load_config(None, tiny_overrides()).model)
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"x": _NotTensor()}}, evil)
+    with pytest.raises(UserError, match="weights-only"):
+        load_pretrained(model, evil)
+    with pytest.raises(UserError, match="not found"):
+        load_pretrained(model, tmp_path / "nope.pth")
+
+
+def test_training_loads_model_pretrained(synthetic_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from mae_ad.train import run_training
+
+    path, src = official_mae_file(tmp_path)
+    cfg = load_config(None, tiny_overrides() + [
+        f"model.pretrained={path}", "train.epochs=1", "train.batch_size=4", "train.tensorboard=false",
+        "model.lora.freeze_non_lora=true", "train.lr=1e-3"])
+    out = run_training(cfg, synthetic_data, tmp_path / "b")
+    w = load_file(str(out / "weights.safetensors"))
+    # frozen base weights are still exactly the checkpoint's after training; the adapters moved
+    assert torch.equal(w["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
+    assert torch.count_nonzero(w["blocks.0.attn.qkv.lora_B"]) > 0
+    assert json.loads((out / "meta.json").read_text())["training"]["pretrained"] == str(path)

@@ -1,0 +1,1 @@
+"""Stand-in for `pycuda` in subprocess tests (see tests/trt/fakes.py)."""

@@ -1,0 +1,103 @@
+"""Artefact files of the compile stage (no torch): sidecar metadata, hashes, lazy imports of optional engines.
+
+Every artefact carries a JSON sidecar named after it: `model.onnx` -> `model.onnx.meta.json`,
+`model.plan` -> `model.plan.meta.json` (so an FP32 and an FP16 ONNX, or an ONNX and its plan, can share a folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from mae_ad.contract import BUNDLE_FILES, UserError, read_json, sha256_file
+
+ONNX_META_KEY = "mae_ad.meta"  # metadata_props key holding the whole sidecar as JSON
+META_SUFFIX = ".meta.json"
+TRT_INSTALL_HINT = (
+    "TensorRT Python bindings are not installed: on a Jetson install JetPack's python3-libnvinfer "
+    "(apt install python3-libnvinfer), on an x86 CUDA machine `pip install tensorrt-cu12` (NVIDIA's index)"
+)
+PYCUDA_INSTALL_HINT = "pycuda is not installed: `pip install pycuda` (needs the CUDA toolkit and a GPU driver)"
+ORT_INSTALL_HINT = "onnxruntime is not installed: `pip install onnxruntime` (or onnxruntime-gpu)"
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + META_SUFFIX)
+
+
+def read_sidecar(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    meta = read_json(sidecar_path(path), f"{what} metadata")
+    if not isinstance(meta, dict):
+        raise UserError(f"{sidecar_path(path)}: expected a JSON object")
+    return meta
+
+
+def bundle_sha256(bundle: str | os.PathLike[str]) -> str:
+    """A hash of a bundle directory: sha256 over the names and sha256 of its files (weights, config, calibration)."""
+    d = Path(bundle)
+    h = hashlib.sha256()
+    names = sorted({*BUNDLE_FILES, *(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith("."))})
+    for name in names:
+        f = d / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def refuse_existing(*paths: Path, what: str) -> None:
+    for p in paths:
+        if p.exists():
+            raise UserError(f"{p}: already exists; refusing to overwrite the {what} (choose another --out)")
+
+
+@contextmanager
+def staged_files(out: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to `out`; the caller writes files there under their final names, and on
+    success each is renamed into `out.parent`. Nothing is left behind on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        staged = sorted(tmp.iterdir())
+        refuse_existing(*(out.parent / f.name for f in staged), what="artefact")
+        # the main file last, so a reader that sees it also sees its sidecar and external data
+        for f in sorted(staged, key=lambda f: f.name == out.name):
+            os.replace(f, out.parent / f.name)
+    finally:
+        for f in tmp.iterdir() if tmp.exists() else ():
+            f.unlink()
+        if tmp.exists():
+            tmp.rmdir()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def import_optional(name: str, hint: str) -> ModuleType:
+    """Import an optional engine module, or raise UserError with what to install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"{hint} ({type(e).__name__}: {e})") from None
+
+
+def json_dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
