@@ -33,6 +33,7 @@ from .model import build_model, scoring_flops, training_flops
 from .scoring import Scorer
 
 log = logging.getLogger(__name__)
+LEVER_BATCH = 1  # levers are compared at batch 1 to keep `bench all` to a few minutes on a 2-core CPU
 
 
 @contextmanager
@@ -58,7 +59,7 @@ def counted_flops(fn: Callable[[], Any], model: nn.Module) -> float:
     return float(counter.get_total_flops())
 
 
-def time_it(fn: Callable[[], Any], seconds: float, min_reps: int = 2) -> tuple[float, int]:
+def time_it(fn: Callable[[], Any], seconds: float, min_reps: int = 1) -> tuple[float, int]:
     """Seconds per call (after one warm-up call), over at least `min_reps` calls and about `seconds` of wall time."""
     fn()
     reps, t0 = 0, time.perf_counter()
@@ -144,7 +145,8 @@ def check_flop_estimates(cfg: Config, batch: int = 1) -> dict[str, float]:
             "training_estimate": training_flops(cfg.model, cfg.train.mask_ratio), "training_counted": counted_train}
 
 
-def _levers(cfg: Config, seconds: float, batch: int, peak: float) -> list[dict[str, Any]]:
+def _levers(cfg: Config, seconds: float, batch: int, peak: float, emit: Callable[[str], None]
+            ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     threads = torch.get_num_threads()
     variants: list[tuple[str, dict[str, Any], int]] = [
@@ -165,26 +167,38 @@ def _levers(cfg: Config, seconds: float, batch: int, peak: float) -> list[dict[s
         finally:
             torch.set_num_threads(threads)
         rows.append(r)
-        log.info("lever %s: %s", name, r.get("images_per_s", r.get("error")))
+        emit(_lever_line(r))
     return rows
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    frac = f"{r['fraction_of_peak']:>7.1%}" if "fraction_of_peak" in r else "      -"
+    return (f"{r['preset']:<10} {r['what']:<10} {r['batch']:>5} {r['images_per_s']:>8.3f} "
+            f"{r['flop_per_image'] / 1e9:>10.2f} {r['flops_per_s'] / 1e9:>8.1f} {frac}")
+
+
+def _lever_line(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"lever {r['lever']:<45} failed: {r['error']}"
+    return f"lever {r['lever']:<45} {r['images_per_s']:>7.3f} img/s {r['fraction_of_peak']:>7.1%}"
+
+
+def _check_line(c: dict[str, Any]) -> str:
+    return (f"FLOP estimate vs counter ({c['preset']}): scoring {c['scoring_estimate'] / 1e9:.2f} vs "
+            f"{c['scoring_counted'] / 1e9:.2f} GFLOP, training {c['training_estimate'] / 1e9:.2f} vs "
+            f"{c['training_counted'] / 1e9:.2f} GFLOP per image")
+
+
+HEADER = f"{'preset':<10} {'what':<10} {'batch':>5} {'img/s':>8} {'GFLOP/img':>10} {'GFLOP/s':>8} {'of peak':>8}"
 
 
 def format_table(res: dict[str, Any]) -> str:
     lines = [f"matmul peak (fp32 2048^3): {res['peak_flops_per_s'] / 1e9:.1f} GFLOP/s "
              f"(start {res['peak_start'] / 1e9:.1f}, end {res['peak_end'] / 1e9:.1f}); threads {res['threads']}",
-             f"{'preset':<10} {'what':<10} {'batch':>5} {'img/s':>8} {'GFLOP/img':>10} {'GFLOP/s':>8} {'of peak':>8}"]
-    for r in res["rows"]:
-        lines.append(f"{r['preset']:<10} {r['what']:<10} {r['batch']:>5} {r['images_per_s']:>8.3f} "
-                     f"{r['flop_per_image'] / 1e9:>10.2f} {r['flops_per_s'] / 1e9:>8.1f} {r['fraction_of_peak']:>7.1%}")
-    for c in res.get("flop_checks", []):
-        lines.append(f"FLOP estimate vs counter ({c['preset']}): scoring {c['scoring_estimate'] / 1e9:.2f} vs "
-                     f"{c['scoring_counted'] / 1e9:.2f} GFLOP, training {c['training_estimate'] / 1e9:.2f} vs "
-                     f"{c['training_counted'] / 1e9:.2f} GFLOP per image")
-    for r in res.get("levers", []):
-        if "error" in r:
-            lines.append(f"lever {r['lever']:<45} failed: {r['error']}")
-        else:
-            lines.append(f"lever {r['lever']:<45} {r['images_per_s']:>7.3f} img/s {r['fraction_of_peak']:>7.1%}")
+             HEADER]
+    lines += [_row_line(r) for r in res["rows"]]
+    lines += [_check_line(c) for c in res.get("flop_checks", [])]
+    lines += [_lever_line(r) for r in res.get("levers", [])]
     return "\n".join(lines)
 
 
@@ -203,28 +217,38 @@ def run_bench(what: str, presets: list[str], out: str | os.PathLike[str] | None,
                            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                                        "torch": torch.__version__},
                            "threads": torch.get_num_threads(), "seconds": seconds, "rows": []}
+    stream = stream or sys.stdout
+
+    def emit(line: str) -> None:  # progress as it is measured; the summary table comes at the end
+        stream.write(line + "\n")
+        stream.flush()
+
     peak_start = matmul_peak(seconds)
-    log.info("matmul peak %.1f GFLOP/s", peak_start / 1e9)
-    res["flop_checks"] = [{"preset": p, **check_flop_estimates(c)} for p, c in cfgs.items()]
+    emit(f"matmul peak at start: {peak_start / 1e9:.1f} GFLOP/s ({res['threads']} threads)")
+    res["flop_checks"] = []
+    for p, c in cfgs.items():
+        res["flop_checks"].append({"preset": p, **check_flop_estimates(c)})
+        emit(_check_line(res["flop_checks"][-1]))
+    emit(HEADER)
     for preset, cfg in cfgs.items():
         if what in ("scoring", "all"):
             for batch in (1, 8):
-                r = bench_scoring(cfg, batch, seconds)
-                res["rows"].append({"preset": preset, "what": "scoring", **r})
-                log.info("%s scoring batch %d: %.3f img/s", preset, batch, r["images_per_s"])
+                res["rows"].append({"preset": preset, "what": "scoring", **bench_scoring(cfg, batch, seconds)})
+                res["rows"][-1]["fraction_of_peak"] = res["rows"][-1]["flops_per_s"] / peak_start
+                emit(_row_line(res["rows"][-1]))
         if what in ("train", "all"):
-            r = bench_training(cfg, 8, seconds)
-            res["rows"].append({"preset": preset, "what": "training", **r})
-            log.info("%s training batch 8: %.3f img/s", preset, r["images_per_s"])
+            res["rows"].append({"preset": preset, "what": "training", **bench_training(cfg, 8, seconds)})
+            res["rows"][-1]["fraction_of_peak"] = res["rows"][-1]["flops_per_s"] / peak_start
+            emit(_row_line(res["rows"][-1]))
     peak_end = matmul_peak(seconds)
     peak = max(peak_start, peak_end)  # the box is shared: the better of the two is the closer to its real peak
     res.update(peak_start=peak_start, peak_end=peak_end, peak_flops_per_s=peak)
     for r in res["rows"]:
         r["fraction_of_peak"] = r["flops_per_s"] / peak
     if what in ("levers", "all"):
-        res["levers"] = _levers(cfgs[presets[0]], seconds, 8, peak)
-    table = format_table(res)
-    (stream or sys.stdout).write(table + "\n")
+        emit(f"levers: {presets[0]} scoring at batch {LEVER_BATCH}, one setting changed at a time")
+        res["levers"] = _levers(cfgs[presets[0]], seconds, LEVER_BATCH, peak, emit)
+    emit("\nsummary (fractions against the better of the start/end matmul peaks)\n" + format_table(res))
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(f".{out_path.name}.tmp")

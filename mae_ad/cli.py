@@ -80,6 +80,21 @@ def train(
     typer.echo(str(bundle))
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    bundle: Annotated[Path, typer.Argument(help="trained model bundle")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="the dataset root the bundle was trained on")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="new bundle directory to create")],
+    set_: SetOpt = None,
+    verbose: Verbose = False,
+) -> None:
+    """Re-calibrate a bundle (new scoring.* settings or calibration.target_fpr) on its held-back normal images."""
+    setup_logging(verbose)
+    from .calibrate import recalibrate
+
+    typer.echo(str(recalibrate(bundle, data, out, set_)))
+
+
 @app.command()
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="model bundle")],

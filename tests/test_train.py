@@ -105,18 +105,25 @@ def test_existing_bundle_dir_is_refused_and_untouched(synthetic_data, tmp_path):
     assert not run_dir_for(out).exists()  # refused before anything was started
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "no-images"])
-def test_missing_or_empty_data_folder_is_one_line_error(tmp_path, case):
-    data = tmp_path / "data"
-    if case != "missing":
-        data.mkdir()
-    if case == "no-images":
-        (data / "train" / "good").mkdir(parents=True)
-    out = tmp_path / "bundle"
+def test_missing_data_folder_is_one_line_error(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "bundle"
     r = cli("train", "--data", str(data), "--out", str(out), *sets(tiny_overrides()))
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and str(data) in err[0]
+    assert not out.exists() and not run_dir_for(out).exists()
+
+
+@pytest.mark.parametrize("case", ["empty", "no-images"])
+def test_empty_data_folder_is_a_user_error(tmp_path, case):
+    data, out = tmp_path / "data", tmp_path / "bundle"
+    data.mkdir()
+    if case == "no-images":
+        (data / "train" / "good").mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        run_training(load_config(None, tiny_overrides()), data, out)
+    msg = str(e.value)
+    assert "\n" not in msg and str(data) in msg
     assert not out.exists() and not run_dir_for(out).exists()
 
 

@@ -130,7 +130,7 @@ def _export_graph(module: torch.nn.Module, example: torch.Tensor, dest: Path, *,
                   external_data: bool, metadata: dict[str, str]) -> None:
     import onnx
 
-    names = dict(input_names=[INPUT_NAME], output_names=[MAP_NAME, SCORE_NAME], opset_version=opset)
+    names: dict[str, Any] = dict(input_names=[INPUT_NAME], output_names=[MAP_NAME, SCORE_NAME], opset_version=opset)
     with torch.no_grad(), _trace_quietly():
         if exporter == "dynamo":
             from torch.export import Dim

@@ -500,9 +500,6 @@ def make_fake_trt(version: str, cuda: FakeCuda, unsupported_ops: frozenset[str] 
                                                  for v in proto.graph.output])
             return True
 
-    for n in ("name", "shape", "dtype"):  # ITensor properties (plain attributes in the fake)
-        pass
-
     @no_ctor
     class IOptimizationProfile(Recorded):
         _cls = "IOptimizationProfile"

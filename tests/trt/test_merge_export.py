@@ -41,11 +41,12 @@ def _images(size: int) -> dict[str, np.ndarray]:
 
 # --- merge -------------------------------------------------------------------------------------------------------
 def test_merge_parity_and_plain_architecture(tiny_bundle, tmp_path):
+    from safetensors.torch import load_file
+
     from mae_ad.bundle import load_bundle, load_scorer
     from mae_ad.config import load_config
     from mae_ad.lora import has_lora
     from mae_ad.model import build_model
-    from safetensors.torch import load_file
     from trt.merge import merge_bundle
 
     merged = merge_bundle(tiny_bundle, tmp_path / "merged")
@@ -222,7 +223,7 @@ def test_check_trt_every_preset_shallow(preset, tmp_path):
     _preset_check(preset, tmp_path, "dynamo", SHALLOW)
 
 
-@pytest.mark.parametrize("preset", ["tiny-p8", "small-p8"])
+@pytest.mark.parametrize("preset", ["tiny-p8", pytest.param("small-p8", marks=pytest.mark.slow)])
 def test_check_trt_full_presets_torchscript(preset, tmp_path):
     _preset_check(preset, tmp_path, "torchscript")
 
@@ -230,7 +231,7 @@ def test_check_trt_full_presets_torchscript(preset, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-p8", "small-p8", "base-p8", "large-p7"])
 def test_check_trt_full_presets(preset, tmp_path):
-    path = _preset_check(preset, tmp_path, "dynamo", external_data=preset in ("base-p8", "large-p7"))
+    _preset_check(preset, tmp_path, "dynamo", external_data=preset in ("base-p8", "large-p7"))
     if preset in ("base-p8", "large-p7"):
         assert (tmp_path / f"{preset}.onnx.data").stat().st_size > 100e6
 

@@ -129,9 +129,9 @@ def test_fake_is_faithful_to_the_surface():
     """The fake must reject what the real module rejects, or the tests above prove nothing."""
     g11, g10 = fake_gpu("11.4"), fake_gpu("10.3")
     with pytest.raises(AttributeError):
-        g11.trt.BuilderFlag.FP16
+        _ = g11.trt.BuilderFlag.FP16
     with pytest.raises(AttributeError):
-        g11.trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH
+        _ = g11.trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH
     assert int(g10.trt.BuilderFlag.VERSION_COMPATIBLE) == 13 and int(g11.trt.BuilderFlag.VERSION_COMPATIBLE) == 12
     with pytest.raises(TypeError):
         1 << g10.trt.BuilderFlag.FP16  # noqa: B018
