@@ -173,6 +173,9 @@ class TrainConfig(Section):
     seed: int = 0
     bf16: bool = False
     max_minutes: float | None = Field(None, gt=0, description="stop training after this wall time")
+    # steps: the cosine runs over train.epochs. time: it runs over train.max_minutes (the warm-up stays in steps),
+    # so a wall-clock-budgeted run still anneals its learning rate; not bit-reproducible across machines.
+    schedule: Literal["steps", "time"] = "steps"
     log_every: int = Field(10, ge=1, description="steps between log rows")
     checkpoint_every: int = Field(10, ge=1, description="epochs between resumable checkpoints")
     tensorboard: bool = True
@@ -194,6 +197,8 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_partition(self) -> Config:
+        if self.train.schedule == "time" and not self.train.max_minutes:
+            raise ValueError("train.schedule=time needs train.max_minutes")
         check_partition(self.model.grid_size, self.scoring.num_masks, self.scoring.pattern)
         if self.model.in_chans != 3:
             raise ValueError("model.in_chans: only 3 (RGB; grayscale images are converted) is supported")

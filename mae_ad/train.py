@@ -62,7 +62,7 @@ def run_dir_for(out: str | os.PathLike[str]) -> Path:
 
 
 # --- small pieces -------------------------------------------------------------------------------------------
-def lr_at(step: int, total_steps: int, warmup_steps: float, base_lr: float, min_lr: float) -> float:
+def lr_at(step: float, total_steps: int, warmup_steps: float, base_lr: float, min_lr: float) -> float:
     """Linear warm-up over `warmup_steps` optimizer steps, then half a cosine from base_lr down to min_lr."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -326,7 +326,11 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
                 win_imgs += imgs.shape[0] * world
                 if not last_micro:
                     continue
-                lr = lr_at(step, total_steps, warmup_steps, base_lr, tc.min_lr)
+                sched_step: float = step
+                if budget_s is not None and tc.schedule == "time" and step >= warmup_steps:
+                    frac = min(1.0, (time.monotonic() - t_start) / budget_s)
+                    sched_step = warmup_steps + frac * max(1.0, total_steps - warmup_steps)
+                lr = lr_at(sched_step, total_steps, warmup_steps, base_lr, tc.min_lr)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 if tc.clip_grad:

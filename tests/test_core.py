@@ -161,3 +161,9 @@ def test_topk_mean_reduce():
     m = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32)
     expected = torch.arange(32 * 32 - 256, 32 * 32, dtype=torch.float32).mean()
     assert torch.allclose(scorer.reduce_map(m), expected.view(1))
+
+
+def test_time_schedule_needs_a_budget():
+    with pytest.raises(UserError, match="max_minutes"):
+        load_config(None, ["train.schedule=time"])
+    assert load_config(None, ["train.schedule=time", "train.max_minutes=5"]).train.schedule == "time"
