@@ -64,13 +64,22 @@ def staged_dir(out: str | os.PathLike[str], what: str = "bundle") -> Iterator[Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        _umask_permissions(tmp, 0o777)
         yield tmp
+        for f in tmp.rglob("*"):  # mkstemp-created files are 0600: give them the usual umask permissions
+            _umask_permissions(f, 0o777 if f.is_dir() else 0o666)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_permissions(path: Path, mode: int) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
