@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,20 +15,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from mae_ad.contract import write_bytes_atomic
+
 from .config import EvidenceSection
 
 log = logging.getLogger(__name__)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def encode_jpeg(bgr: np.ndarray, quality: int = 90) -> bytes:
@@ -65,9 +54,9 @@ class EvidenceStore:
             return None
         try:
             d = self.folder(camera, alert_id, t)
-            _write_atomic(d / f"frame_{tag}.jpg", encode_jpeg(frame_bgr, self.cfg.jpeg_quality))
-            _write_atomic(d / f"overlay_{tag}.jpg", overlay_jpeg)
-            _write_atomic(d / "alert.json", json.dumps(event, indent=2).encode())
+            write_bytes_atomic(d / f"frame_{tag}.jpg", encode_jpeg(frame_bgr, self.cfg.jpeg_quality))
+            write_bytes_atomic(d / f"overlay_{tag}.jpg", overlay_jpeg)
+            write_bytes_atomic(d / "alert.json", json.dumps(event, indent=2).encode())
             self.saved += 1
             return d
         except OSError as e:  # a full disk must not stop the agent
@@ -78,7 +67,7 @@ class EvidenceStore:
         d = self._folders.pop(alert_id, None)
         if d is not None and d.is_dir():
             try:
-                _write_atomic(d / "alert.json", json.dumps(event, indent=2).encode())
+                write_bytes_atomic(d / "alert.json", json.dumps(event, indent=2).encode())
             except OSError as e:
                 log.error("evidence: cannot write %s: %s", d / "alert.json", e)
 

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +28,7 @@ from .contract import (
     UserError,
     read_bundle_meta,
     sha256_file,
+    staged_dir,
     write_json_atomic,
 )
 from .lora import has_lora_state
@@ -44,42 +41,13 @@ def versions() -> dict[str, str]:
 
     out = {"mae_ad": __version__, "torch": torch.__version__, "timm": timm.__version__,
            "python": platform.python_version()}
-    try:
-        import loralib  # noqa: F401
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         out["loralib"] = version("loralib")
-    except Exception:  # pragma: no cover - metadata missing
+    except PackageNotFoundError:  # pragma: no cover - metadata missing
         pass
     return out
-
-
-@contextmanager
-def staged_dir(out: str | os.PathLike[str], what: str = "bundle") -> Iterator[Path]:
-    """Yield a temporary directory next to `out`; on success rename it to `out`. Refuses an existing `out`
-    that is not empty."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the {what} (choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _umask_permissions(tmp, 0o777)
-        yield tmp
-        for f in tmp.rglob("*"):  # mkstemp-created files are 0600: give them the usual umask permissions
-            _umask_permissions(f, 0o777 if f.is_dir() else 0o666)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask_permissions(path: Path, mode: int) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
 
 
 def state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,16 +16,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .contract import UserError
+from .contract import UserError, staged_dir
 from .data import NORMAL_NAMES, image_shape, list_images
 
 log = logging.getLogger(__name__)
@@ -61,22 +59,6 @@ def parse_defect_spec(spec: str) -> DefectSpec:
     if masks is not None and not masks.is_dir():
         raise UserError(f"--defect {spec!r}: mask folder {masks} not found")
     return DefectSpec(name, images, masks)
-
-
-@contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite it (choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -168,7 +150,7 @@ def prepare_dataset(out: str | os.PathLike[str], good_dirs: Sequence[str | os.Pa
     split = {"test/good": order[:n_test], "train/good": order[n_test:]}
     counts: dict[str, int] = {}
     renamed = 0
-    with _staged(out) as d:
+    with staged_dir(out, what="dataset") as d:
         for folder, files in split.items():
             (d / folder).mkdir(parents=True)
             used: set[str] = set()

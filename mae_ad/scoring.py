@@ -7,7 +7,6 @@ normalisation, the calibration maps) is a buffer: the exported graph holds them 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -20,13 +19,7 @@ from .masking import inference_masks, masks_to_ids
 from .model import MaskedAutoencoderViT
 from .variants import gaussian_window, ssim_map
 
-
-def gaussian_kernel1d(sigma: float, max_radius: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian, radius ceil(3 sigma) capped at `max_radius` (so reflect padding stays valid)."""
-    radius = max(1, min(int(math.ceil(3 * sigma)), max_radius))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).float()
+gaussian_kernel1d = gaussian_window  # normalised 1-D Gaussian, radius ceil(3 sigma) capped at max_radius
 
 
 def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

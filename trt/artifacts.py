@@ -17,7 +17,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from mae_ad.contract import BUNDLE_FILES, UserError, read_json, sha256_file
+from mae_ad.contract import (
+    BUNDLE_FILES,
+    UserError,
+    read_json,
+    sha256_file,
+    write_bytes_atomic,  # noqa: F401  (re-exported for trt.build)
+)
 
 ONNX_META_KEY = "mae_ad.meta"  # metadata_props key holding the whole sidecar as JSON
 META_SUFFIX = ".meta.json"
@@ -77,18 +83,6 @@ def staged_files(out: Path) -> Iterator[Path]:
             f.unlink()
         if tmp.exists():
             tmp.rmdir()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def import_optional(name: str, hint: str) -> ModuleType:
