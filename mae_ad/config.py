@@ -151,6 +151,10 @@ class DataConfig(Section):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     hflip: bool = False  # training augmentation; off by default (parts are presented consistently)
+    # dataset: (x - mean) / std with the fixed mean/std above. per_image: after that, each image is standardised by its
+    # own mean and std, so exposure and gain changes between acquisitions do not read as anomalies (a part that is
+    # uniformly too dark or too bright is then not an anomaly either).
+    normalize: Literal["dataset", "per_image"] = "dataset"
     num_workers: int = Field(0, ge=0)
     cache: bool = True  # keep decoded, resized training images in memory
 

@@ -19,6 +19,17 @@ from .masking import inference_masks, masks_to_ids
 from .model import MaskedAutoencoderViT
 from .variants import gaussian_window, ssim_map
 
+def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, per_image: bool = False
+                     ) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> model space: (x - mean) / std, then optionally each image channel standardised by its own
+    mean and std, per channel (data.normalize=per_image). Training and scoring both call this."""
+    x = (images - mean) / std
+    if per_image:
+        x = x - x.mean(dim=(2, 3), keepdim=True)
+        x = x / ((x * x).mean(dim=(2, 3), keepdim=True).sqrt() + 1e-6)  # population std: no ReduceProd in ONNX
+    return x
+
+
 gaussian_kernel1d = gaussian_window  # normalised 1-D Gaussian, radius ceil(3 sigma) capped at max_radius
 
 
@@ -51,6 +62,7 @@ class Scorer(nn.Module):
         self.register_buffer("assign", masks.float().view(1, sc.num_masks, -1, 1))  # [1, K, L, 1]
         self.register_buffer("pix_mean", torch.tensor(cfg.data.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pix_std", torch.tensor(cfg.data.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.per_image = cfg.data.normalize == "per_image"
         self.smooth = sc.sigma > 0
         self.register_buffer("kernel", gaussian_kernel1d(sc.sigma, size - 1) if self.smooth else torch.ones(1))
         self.normalize = sc.normalize == "position"
@@ -68,7 +80,7 @@ class Scorer(nn.Module):
 
     # --- pieces ---------------------------------------------------------------------------------------------
     def normalise_input(self, image: torch.Tensor) -> torch.Tensor:
-        return (image - self.pix_mean) / self.pix_std
+        return normalise_images(image, self.pix_mean, self.pix_std, self.per_image)
 
     def reconstruct_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, 3, H, W] -> each patch's reconstruction from the one mask that hid it [B, L, P],
@@ -150,6 +162,10 @@ class Scorer(nn.Module):
         """The K-mask reconstruction as an RGB image in [0, 1] (for reports)."""
         x = self.normalise_input(image)
         rec = self.model.unpatchify(self.reconstruct_patches(x), channels=x.shape[1])
+        if self.per_image:  # undo the per-image standardisation with the input's own statistics
+            d = (image - self.pix_mean) / self.pix_std
+            mu = d.mean(dim=(2, 3), keepdim=True)
+            rec = rec * (((d - mu) ** 2).mean(dim=(2, 3), keepdim=True).sqrt() + 1e-6) + mu
         return (rec * self.pix_std + self.pix_mean).clamp(0, 1)
 
     def set_normal_stats(self, mean_map: torch.Tensor, std_map: torch.Tensor) -> None:

@@ -41,7 +41,7 @@ from .bundle import staged_dir, write_bundle_files
 from .config import Config, config_from_dict
 from .contract import UserError, write_json_atomic
 from .model import MaskedAutoencoderViT, build_model, count_params
-from .scoring import Scorer, calibrate
+from .scoring import Scorer, calibrate, normalise_images
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
                         pin_memory=device.type == "cuda")
     mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    per_image = cfg.data.normalize == "per_image"
 
     # 3. Model (+ local pretrained encoder), identical on every rank.
     torch.manual_seed(tc.seed)
@@ -310,7 +311,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
             ep_loss, ep_n = 0.0, 0
             n_batches = len(loader)
             for i, batch in enumerate(loader):
-                imgs = (batch.to(device, non_blocking=True) - mean) / std
+                imgs = normalise_images(batch.to(device, non_blocking=True), mean, std, per_image)
                 last_micro = (i + 1) % tc.accum_iter == 0 or i + 1 == n_batches
                 sync = ddp.no_sync() if (distributed and not last_micro) else nullcontext()
                 with sync:

@@ -167,3 +167,22 @@ def test_time_schedule_needs_a_budget():
     with pytest.raises(UserError, match="max_minutes"):
         load_config(None, ["train.schedule=time"])
     assert load_config(None, ["train.schedule=time", "train.max_minutes=5"]).train.schedule == "time"
+
+
+def test_per_image_normalisation_ignores_exposure():
+    """With data.normalize=per_image, a gain/offset change of the whole image leaves the map unchanged."""
+    cfg = load_config(None, tiny_overrides() + ["data.normalize=per_image", "scoring.sigma=1"])
+    torch.manual_seed(0)
+    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    gray = torch.rand(2, 1, 32, 32).expand(2, 3, 32, 32) * 0.5 + 0.2  # a grey part: affine changes commute
+    brighter = gray * 1.3 + 0.05
+    with torch.no_grad():
+        m1, s1 = scorer(gray)
+        m2, s2 = scorer(brighter)
+        plain = Scorer(scorer.model, load_config(None, tiny_overrides() + ["scoring.sigma=1"])).eval()
+        p1, _ = plain(gray)
+        p2, _ = plain(brighter)
+    assert torch.allclose(m1, m2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-4)
+    assert not torch.allclose(p1, p2, atol=1e-3)  # without it, exposure changes the map
+    rec = scorer.reconstruction(brighter)
+    assert rec.shape == brighter.shape and float(rec.min()) >= 0 and float(rec.max()) <= 1

@@ -172,6 +172,19 @@ def test_torchscript_exporter_and_external_data(tiny_bundle, tmp_path):
     _check_parity(tiny_bundle, path)
 
 
+def test_recipe_options_export_with_parity(tmp_path):
+    """The magnetic-tile recipe's options (per-image standardisation, grid masks, position normalisation) export,
+    pass the TensorRT op check and match PyTorch in ONNX Runtime."""
+    from trt.export import export_onnx
+    from trt.opcheck import check_file
+
+    b = make_bundle(tmp_path / "b", tiny_overrides() + ["data.normalize=per_image", "scoring.pattern=grid",
+                                                        "scoring.normalize=position"])
+    path = export_onnx(b, tmp_path / "m.onnx", exporter="torchscript")
+    assert not [r.op for r in check_file(path) if r.status == "unsupported"]
+    _check_parity(b, path)
+
+
 def test_topk_reduce_allowed_within_tensorrt_limit(tmp_path):
     import onnx
 
