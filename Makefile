@@ -17,10 +17,10 @@ demo: $(STAMP)
 	$(VENV)/bin/mae-ad demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m "slow and not gpu" -q
+	$(PY) -m pytest -m "slow" -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q

@@ -19,6 +19,7 @@ from .masking import inference_masks, masks_to_ids
 from .model import MaskedAutoencoderViT
 from .variants import gaussian_window, ssim_map
 
+
 def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, per_image: bool = False
                      ) -> torch.Tensor:
     """[B, 3, H, W] in [0, 1] -> model space: (x - mean) / std, then optionally each image channel standardised by its own
