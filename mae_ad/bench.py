@@ -8,7 +8,7 @@
 - training: images/s of a full step (forward, backward, AdamW) at batch 8, FLOP/s from `model.training_flops`;
 - levers (what=levers or all): the same scoring measurement with one setting changed at a time (threads, fused
   attention off, no_grad instead of inference_mode, bf16 autocast, torch.compile).
-Timing figures belong here and in docs/bench-learn.md, never in tests.
+Timing figures belong here and in BENCHMARKS.md, never in tests.
 """
 
 from __future__ import annotations

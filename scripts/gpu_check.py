@@ -6,7 +6,7 @@ ONNX Runtime and print latency per batch size.
     python scripts/gpu_check.py --onnx model.onnx [--fp16] ...
     python scripts/gpu_check.py --preset tiny-p8 ...   # random weights, when no bundle is at hand
 
-Output (see docs/bench-compile.md): one header block, a parity line per batch size, a latency table, and the
+Output (see BENCHMARKS.md): one header block, a parity line per batch size, a latency table, and the
 exit status 0 only when every parity check passes (FP32: map max abs <= 1e-3, score rel <= 1e-3; FP16: decisions
 agree and map error <= 2 % of the map's range).
 """

@@ -1,4 +1,4 @@
-"""Rough cost per variant (docs/bench-variants.md): tiny-p8 at 128 px, K=4, CPU, 1 thread. Run from the repo root."""
+"""Rough cost per variant (BENCHMARKS.md, "Variant costs"): tiny-p8 at 128 px, K=4, CPU, 1 thread. Run from the repo root."""
 
 from __future__ import annotations
 
