@@ -64,7 +64,10 @@ def _agent_cfg(work: Path, port: int, protocol: str, model: dict[str, Any], cams
 
 
 def run_agent_bench(model: str | None, backend: str | None = None, seconds: float = 15.0, cameras: int = 1,
-                    threads: int | None = None, out: str | Path | None = None, outage: bool = True) -> dict[str, Any]:
+                    threads: int | None = None, out: str | Path | None = None, outage: bool = True,
+                    realtime: bool = True) -> dict[str, Any]:
+    """realtime: the video plays at its 25 fps, like a camera (the default); False: decoded as fast as possible,
+    which puts a decoder thread on the engine's cores and measures that contention too."""
     from .backend import open_backend
     from .broker import start_local_broker
     from .config import ModelSection
@@ -76,7 +79,7 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
     video = write_product_video(work / "product.avi", n_frames=200, fps=25.0, size=256)
     brk, protocol = start_local_broker(work / "broker")
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "model": model, "backend": msec["backend"],
-                           "cameras": cameras, "threads": threads, "cpu_count": os.cpu_count(),
+                           "cameras": cameras, "realtime": realtime, "threads": threads, "cpu_count": os.cpu_count(),
                            "broker": type(brk).__name__}
     try:
         be = open_backend(ModelSection(**msec))
@@ -85,7 +88,7 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
         res["bare"] = _bare_fps(be, batch, seconds)
 
         # the agent on the same engine object, cameras reading the video as fast as they can
-        cams = [{"name": f"cam{i}", "source": video["path"], "loop": True, "realtime": False}
+        cams = [{"name": f"cam{i}", "source": video["path"], "loop": True, "realtime": realtime}
                 for i in range(cameras)]
         cfg = _agent_cfg(work / "e2e", brk.port, protocol, msec, cams, evidence={"enabled": False})
         agent = Agent(cfg, be)

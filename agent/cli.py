@@ -60,6 +60,8 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[int | None, typer.Option(help="engine threads")] = None,
         out: Annotated[Path | None, typer.Option(help="write results JSON here")] = None,
         outage: Annotated[bool, typer.Option(help="also run the broker-outage scenario")] = True,
+        realtime: Annotated[bool, typer.Option(help="play the video at camera speed (25 fps) rather than as fast as "
+                                                    "it decodes")] = True,
     ) -> None:
         """Agent frames/s vs the bare engine, stage latency, memory, time to first score, alerts in an outage."""
         from mae_ad.cli import setup_logging
@@ -68,7 +70,7 @@ def register(app: typer.Typer) -> None:
 
         setup_logging(False)
         res = run_agent_bench(model, backend=backend, seconds=seconds, cameras=cameras, threads=threads, out=out,
-                              outage=outage)
+                              outage=outage, realtime=realtime)
         import json
 
         typer.echo(json.dumps(res, indent=2))

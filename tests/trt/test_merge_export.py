@@ -4,6 +4,7 @@ on every preset's export."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from tests.conftest import tiny_overrides
 
 from .conftest import make_bundle, synthetic_images
 
-MAGNETIC_TILE = Path("/work/shared/data/magnetic_tile")
+# The real defect set beside the checkout (../shared/data/magnetic_tile), or where MAE_AD_REAL_DATA points.
+MAGNETIC_TILE = Path(os.environ.get("MAE_AD_REAL_DATA", Path(__file__).resolve().parents[3] / "shared/data/magnetic_tile"))
 
 
 def _real_images(size: int, n: int = 4) -> np.ndarray | None:
