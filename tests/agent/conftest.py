@@ -99,12 +99,7 @@ class Recorder:
         return [json.loads(p) for p in self.payloads(suffix, state)]
 
     def wait_for(self, pred: Any, timeout: float = 15.0) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if pred():
-                return True
-            time.sleep(0.05)
-        return bool(pred())
+        return wait_until(pred, timeout)
 
     def publish(self, topic: str, payload: bytes | str) -> None:
         self.c.publish(topic, payload, qos=1).wait_for_publish(5)
