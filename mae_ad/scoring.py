@@ -116,10 +116,12 @@ class Scorer(nn.Module):
             pred = pred * (t.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + t.mean(dim=-1, keepdim=True)
         return pred, nll
 
-    def _raw_map_variants(self, x: torch.Tensor) -> torch.Tensor:
-        """raw_map with scoring.ssim_weight and/or scoring.gmm_weight:
-        (1 - w_ssim) * squared error + w_ssim * (1 - SSIM) / 2 + w_gmm * per-patch GMM NLL, then smoothed."""
+    def raw_map(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-pixel squared error averaged over channels, smoothed; before the calibration normalisation.
+        With scoring.ssim_weight / scoring.gmm_weight: (1 - w_ssim) * squared error + w_ssim * (1 - SSIM) / 2
+        + w_gmm * per-patch GMM NLL, then smoothed."""
         m = self.model
+        x = self.normalise_input(image)
         c = x.shape[1]
         pred, nll = self.reconstruct_with_nll(x, with_nll=self.gmm_weight > 0)
         err = m.unpatchify((pred - m.patchify(x)) ** 2, channels=c).mean(dim=1, keepdim=True)  # [B, 1, H, W]
@@ -129,18 +131,6 @@ class Scorer(nn.Module):
         if nll is not None:  # one value per patch, spread over its p x p pixels
             pp = m.patch_size * m.patch_size
             err = err + self.gmm_weight * m.unpatchify(nll.unsqueeze(-1).expand(-1, -1, pp), channels=1)
-        if self.smooth:
-            err = gaussian_blur(err, self.kernel)
-        return err
-
-    def raw_map(self, image: torch.Tensor) -> torch.Tensor:
-        """Per-pixel squared error averaged over channels, smoothed; before the calibration normalisation."""
-        x = self.normalise_input(image)
-        if self.ssim_weight > 0 or self.gmm_weight > 0:
-            return self._raw_map_variants(x)
-        pred = self.reconstruct_patches(x)
-        err = (pred - self.model.patchify(x)) ** 2  # [B, L, P]
-        err = self.model.unpatchify(err, channels=x.shape[1]).mean(dim=1, keepdim=True)  # [B, 1, H, W]
         if self.smooth:
             err = gaussian_blur(err, self.kernel)
         return err

@@ -65,9 +65,6 @@ class HalfPrecisionScorer(Scorer):
         new.model.half()
         return new.eval()
 
-    def reconstruct_patches(self, x: torch.Tensor) -> torch.Tensor:
-        return super().reconstruct_patches(x.half()).float()
-
     def reconstruct_with_nll(self, x: torch.Tensor, with_nll: bool = True) -> tuple[torch.Tensor, Any]:
         pred, nll = super().reconstruct_with_nll(x.half(), with_nll)  # type: ignore[misc]
         return pred.float(), None if nll is None else nll.float()
