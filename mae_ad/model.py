@@ -277,29 +277,28 @@ def encoder_flops_estimate(cfg: ModelConfig, tokens: int, decoder: bool = False)
     return float(depth * per_block)
 
 
-def scoring_flops(cfg: ModelConfig, k: int) -> float:
-    """Approximate FLOPs to score one image with K masks (patch embedding, encoder, decoder, prediction)."""
+def _flops_parts(cfg: ModelConfig, keep: int) -> tuple[float, float]:
+    """(patch embedding, one masked pass: encoder over `keep` visible tokens + decoder + projections) in FLOPs."""
     length = cfg.num_patches
-    keep = length - length // k
     p = cfg.patch_size
     embed = 2 * length * cfg.embed_dim * p * p * cfg.in_chans
     enc = encoder_flops_estimate(cfg, keep + 1)
     dec = encoder_flops_estimate(cfg, length + 1, decoder=True)
     proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * (length + 1) * cfg.decoder_embed_dim * p * p * 3
-    return float(embed + k * (enc + dec + proj))
+    return float(embed), float(enc + dec + proj)
+
+
+def scoring_flops(cfg: ModelConfig, k: int) -> float:
+    """Approximate FLOPs to score one image with K masks (patch embedding once, then K masked passes)."""
+    embed, one_pass = _flops_parts(cfg, cfg.num_patches - cfg.num_patches // k)
+    return embed + k * one_pass
 
 
 def training_flops(cfg: ModelConfig, mask_ratio: float) -> float:
     """Approximate FLOPs of one training image (forward + backward, all parameters trainable)."""
-    length = cfg.num_patches
-    keep = max(1, int(round(length * (1 - mask_ratio))))
-    p = cfg.patch_size
-    embed = 2 * length * cfg.embed_dim * p * p * cfg.in_chans
-    enc = encoder_flops_estimate(cfg, keep + 1)
-    dec = encoder_flops_estimate(cfg, length + 1, decoder=True)
-    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * (length + 1) * cfg.decoder_embed_dim * p * p * 3
+    embed, one_pass = _flops_parts(cfg, max(1, int(round(cfg.num_patches * (1 - mask_ratio)))))
     # backward costs twice the forward, except the patch embedding (no gradient w.r.t. the input image)
-    return float(2 * embed + 3 * (enc + dec + proj))
+    return 2 * embed + 3 * one_pass
 
 
 __all__ = [
