@@ -63,9 +63,9 @@ def write_bundle_files(
     (d / BUNDLE_CONFIG).write_text(dump_config(cfg))
     if calibration is not None:
         write_json_atomic(d / BUNDLE_CALIBRATION, calibration)
-        if scorer is not None and scorer.normalize:
-            save_file({"map_mean": scorer.map_mean.detach().cpu().contiguous(),
-                       "map_std": scorer.map_std.detach().cpu().contiguous()}, str(d / BUNDLE_CALIB_TENSORS))
+        tensors = scorer.calibration_tensors() if scorer is not None else {}
+        if tensors:
+            save_file(tensors, str(d / BUNDLE_CALIB_TENSORS))
     from .lora import has_lora
 
     meta = {
@@ -140,11 +140,13 @@ def load_scorer(path: str | os.PathLike[str], device: str = "cpu", require_calib
     cal = None
     if (p / BUNDLE_CALIBRATION).is_file() or require_calibration:
         cal = read_calibration(p)
-    if scorer.normalize:
+    if scorer.calibration_tensors():
         tpath = p / BUNDLE_CALIB_TENSORS
         if tpath.is_file():
-            t = load_state(tpath)
-            scorer.set_normal_stats(t["map_mean"], t["map_std"])
+            try:
+                scorer.load_calibration_tensors(load_state(tpath), str(tpath))
+            except ValueError as e:
+                raise UserError(str(e)) from None
         elif cal is not None:
             raise UserError(f"{tpath}: missing; scoring.normalize=position needs the normal statistics")
     return scorer, cal, meta

@@ -92,6 +92,11 @@ def load_pretrained(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -
             unexpected.append(key)
             continue
         target = own[key]
+        if key == "patch_embed.proj.weight" and value.ndim == 4 and value.shape[1] == 3 and target.shape[1] == 1:
+            # grayscale model: the model sees the mean of the three normalised channels, so the kernel that gives
+            # the RGB model's response to a gray image is the sum of its three channel kernels
+            value = value.float().sum(dim=1, keepdim=True)
+            notes.append("patch embedding summed over RGB for the 1-channel model")
         if key == "patch_embed.proj.weight" and value.ndim == 4 and value.shape[:2] == target.shape[:2] \
                 and value.shape[2:] != target.shape[2:]:
             value = resample_patch_embed(value.float(), list(target.shape[2:]))

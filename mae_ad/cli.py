@@ -170,7 +170,8 @@ def demo(
 
 @app.command()
 def sweep(
-    space: Annotated[Path, typer.Argument(help="YAML search space: dotted config keys -> lists of values")],
+    space: Annotated[Path, typer.Argument(
+        help="YAML search space (dotted config keys -> lists of values) or ablation (`trials:` list of named trials)")],
     data: Annotated[Path, typer.Option("--data", "-d", help="dataset root (train/good and test/)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="sweep directory to create")],
     config: ConfigOpt = None,
@@ -180,7 +181,7 @@ def sweep(
     seed: Annotated[int, typer.Option(help="random-search seed")] = 0,
     verbose: Verbose = False,
 ) -> None:
-    """Train and evaluate each trial of a small search; results in OUT/results.csv (and TensorBoard hparams)."""
+    """Train and evaluate each trial of a small search or ablation; results in OUT/results.csv (and TensorBoard)."""
     setup_logging(verbose)
     from .sweep import run_sweep
 

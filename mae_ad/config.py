@@ -72,7 +72,7 @@ class ModelConfig(Section):
     preset: str | None = "tiny-p8"
     img_size: int = Field(224, ge=16)
     patch_size: int = Field(8, ge=2)
-    in_chans: int = Field(3, ge=1)
+    in_chans: int = Field(3, ge=1, description="3: RGB; 1: grayscale model (monochrome cameras); inputs stay RGB")
     embed_dim: int = Field(192, ge=8)
     depth: int = Field(12, ge=1)
     num_heads: int = Field(3, ge=1)
@@ -145,6 +145,8 @@ class ScoringConfig(Section):
     ssim_weight: float = Field(0.0, ge=0, le=1, description="share of the structural (1 - SSIM) map (0 = off)")
     ssim_sigma: float = Field(1.5, gt=0, description="Gaussian window sigma of the SSIM map, in pixels")
     gmm_weight: float = Field(0.0, ge=0, description="weight of the GMM head's per-patch NLL in the map (0 = off)")
+    stats_weight: float = Field(0.0, ge=0, description="weight of the training-free patch-statistics z-map added to "
+                                "the position-normalised map (0 = off; needs normalize=position)")
 
 
 class DataConfig(Section):
@@ -204,8 +206,11 @@ class Config(Section):
         if self.train.schedule == "time" and not self.train.max_minutes:
             raise ValueError("train.schedule=time needs train.max_minutes")
         check_partition(self.model.grid_size, self.scoring.num_masks, self.scoring.pattern)
-        if self.model.in_chans != 3:
-            raise ValueError("model.in_chans: only 3 (RGB; grayscale images are converted) is supported")
+        if self.model.in_chans not in (1, 3):
+            raise ValueError(f"model.in_chans: {self.model.in_chans} is not supported; use 3 (RGB) or 1 (grayscale: "
+                             "the model sees the mean of the normalised channels)")
+        if self.scoring.stats_weight > 0 and self.scoring.normalize != "position":
+            raise ValueError("scoring.stats_weight > 0 needs scoring.normalize=position (both maps in z-score units)")
         if self.scoring.gmm_weight > 0 and self.model.gmm_components == 0:
             raise ValueError("scoring.gmm_weight > 0 needs a GMM head: set model.gmm_components (e.g. 4)")
         return self

@@ -20,11 +20,15 @@ from .model import MaskedAutoencoderViT
 from .variants import gaussian_window, ssim_map
 
 
-def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, per_image: bool = False
-                     ) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> model space: (x - mean) / std, then optionally each image channel standardised by its own
-    mean and std, per channel (data.normalize=per_image). Training and scoring both call this."""
+def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, per_image: bool = False,
+                     gray: bool = False) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> model space: (x - mean) / std; with `gray` (model.in_chans=1) the mean of the three
+    normalised channels [B, 1, H, W]; then optionally each image channel standardised by its own mean and std
+    (data.normalize=per_image). Training and scoring both call this, so the exported graph converts RGB to gray
+    itself and its input stays [B, 3, H, W]."""
     x = (images - mean) / std
+    if gray:
+        x = x.mean(dim=1, keepdim=True)
     if per_image:
         x = x - x.mean(dim=(2, 3), keepdim=True)
         x = x / ((x * x).mean(dim=(2, 3), keepdim=True).sqrt() + 1e-6)  # population std: no ReduceProd in ONNX
@@ -64,6 +68,7 @@ class Scorer(nn.Module):
         self.register_buffer("pix_mean", torch.tensor(cfg.data.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pix_std", torch.tensor(cfg.data.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.per_image = cfg.data.normalize == "per_image"
+        self.gray = cfg.model.in_chans == 1
         self.smooth = sc.sigma > 0
         self.register_buffer("kernel", gaussian_kernel1d(sc.sigma, size - 1) if self.smooth else torch.ones(1))
         self.normalize = sc.normalize == "position"
@@ -78,10 +83,18 @@ class Scorer(nn.Module):
         self.gmm_weight = float(sc.gmm_weight)
         if self.gmm_weight > 0 and not hasattr(model, "gmm_head"):
             raise ValueError("scoring.gmm_weight > 0 needs a model with a GMM head (model.gmm_components > 0)")
+        # training-free patch statistics fused with the (position-normalised) reconstruction map
+        self.stats_weight = float(sc.stats_weight)
+        if self.stats_weight > 0:
+            if not self.normalize:
+                raise ValueError("scoring.stats_weight > 0 needs scoring.normalize=position")
+            c, g = cfg.model.in_chans, model.grid
+            self.register_buffer("cell_mean", torch.zeros(1, 2 * c, g, g))
+            self.register_buffer("cell_std", torch.ones(1, 2 * c, g, g))
 
     # --- pieces ---------------------------------------------------------------------------------------------
     def normalise_input(self, image: torch.Tensor) -> torch.Tensor:
-        return normalise_images(image, self.pix_mean, self.pix_std, self.per_image)
+        return normalise_images(image, self.pix_mean, self.pix_std, self.per_image, self.gray)
 
     def reconstruct_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images [B, 3, H, W] -> each patch's reconstruction from the one mask that hid it [B, L, P],
@@ -135,6 +148,21 @@ class Scorer(nn.Module):
             err = gaussian_blur(err, self.kernel)
         return err
 
+    def cell_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images [B, C, H, W] -> each patch cell's per-channel mean and std [B, 2C, g, g]."""
+        p = self.model.patch_size
+        mean = F.avg_pool2d(x, p)
+        var = F.avg_pool2d(x * x, p) - mean * mean
+        return torch.cat([mean, var.clamp_min(1e-12).sqrt()], dim=1)
+
+    def stats_map(self, image: torch.Tensor) -> torch.Tensor:
+        """Patch-statistics map [B, 1, H, W]: per cell, the largest |z-score| of its mean/std against the same
+        position in normal images, bilinearly upsampled and smoothed like the reconstruction map."""
+        f = self.cell_features(self.normalise_input(image))
+        z = ((f - self.cell_mean) / self.cell_std).abs().amax(dim=1, keepdim=True)
+        z = F.interpolate(z, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return gaussian_blur(z, self.kernel) if self.smooth else z
+
     def reduce_map(self, amap: torch.Tensor) -> torch.Tensor:
         flat = amap.flatten(1)
         if self.reduce == "max":
@@ -146,6 +174,8 @@ class Scorer(nn.Module):
         amap = self.raw_map(image)
         if self.normalize:
             amap = (amap - self.map_mean) / self.map_std
+        if self.stats_weight > 0:
+            amap = amap + self.stats_weight * self.stats_map(image)
         return amap, self.reduce_map(amap)
 
     @torch.no_grad()
@@ -154,14 +184,36 @@ class Scorer(nn.Module):
         x = self.normalise_input(image)
         rec = self.model.unpatchify(self.reconstruct_patches(x), channels=x.shape[1])
         if self.per_image:  # undo the per-image standardisation with the input's own statistics
-            d = (image - self.pix_mean) / self.pix_std
+            d = normalise_images(image, self.pix_mean, self.pix_std, gray=self.gray)
             mu = d.mean(dim=(2, 3), keepdim=True)
             rec = rec * (((d - mu) ** 2).mean(dim=(2, 3), keepdim=True).sqrt() + 1e-6) + mu
+        if self.gray:  # the gray value g with mean_c((g - mean_c) / std_c) = rec, shown in all three channels
+            inv = (1.0 / self.pix_std).mean()
+            return ((rec + (self.pix_mean / self.pix_std).mean()) / inv).clamp(0, 1).expand(-1, 3, -1, -1)
         return (rec * self.pix_std + self.pix_mean).clamp(0, 1)
 
     def set_normal_stats(self, mean_map: torch.Tensor, std_map: torch.Tensor) -> None:
         self.map_mean.copy_(mean_map.view_as(self.map_mean))
         self.map_std.copy_(std_map.view_as(self.map_std))
+
+    def set_cell_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.cell_mean.copy_(mean.view_as(self.cell_mean))
+        self.cell_std.copy_(std.view_as(self.cell_std))
+
+    def calibration_tensors(self) -> dict[str, torch.Tensor]:
+        """The normal statistics fitted by `calibrate` (saved as calibration.safetensors); empty when none."""
+        names = (["map_mean", "map_std"] if self.normalize else []) + \
+            (["cell_mean", "cell_std"] if self.stats_weight > 0 else [])
+        return {n: getattr(self, n).detach().cpu().contiguous() for n in names}
+
+    def load_calibration_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Set the statistics `calibration_tensors` saved; ValueError naming `source` and the key if one is missing."""
+        need = list(self.calibration_tensors())
+        missing = [n for n in need if n not in tensors]
+        if missing:
+            raise ValueError(f"{source}: missing {', '.join(missing)} (re-run `mae-ad calibrate`)")
+        for n in need:
+            getattr(self, n).copy_(tensors[n].view_as(getattr(self, n)))
 
 
 @torch.no_grad()
@@ -199,6 +251,12 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
         std = raw.std(dim=0, keepdim=True) if stats_n > 1 else torch.ones_like(mean)
         floor = std.flatten().median().clamp_min(1e-8) * 0.25  # avoid dividing by ~0 where all normals agree
         scorer.set_normal_stats(mean, torch.maximum(std, floor))
+        if scorer.stats_weight > 0:
+            feats = torch.cat([scorer.cell_features(scorer.normalise_input(images[i:min(i + batch_size, stats_n)]))
+                               for i in range(0, stats_n, batch_size)])
+            cstd = feats.std(dim=0, keepdim=True) if stats_n > 1 else torch.ones_like(feats[:1])
+            cfloor = cstd.flatten().median().clamp_min(1e-6) * 0.1
+            scorer.set_cell_stats(feats.mean(dim=0, keepdim=True), torch.maximum(cstd, cfloor))
     _, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()
     threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))

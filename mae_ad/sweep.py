@@ -8,7 +8,17 @@ The search space is a YAML mapping from dotted config keys to lists of values, f
 
 Every combination (grid) or `trials` random draws of one value per key (random) is one trial: the base config
 plus the trial's values as `--set` overrides, trained with `mae_ad.train.run_training`, evaluated with
-`mae_ad.evaluate.run_evaluation`. Layout of `out`:
+`mae_ad.evaluate.run_evaluation`.
+
+An ablation (mode `list`, chosen automatically) is a file with one top-level key `trials:`, a list of named trials,
+each a mapping of dotted keys to single values (`{}` is the base config itself):
+
+    trials:
+      - {name: base}
+      - {name: block-masks, train.mask_mode: block}
+      - {name: decoder-1, model.decoder_depth: 1}
+
+Layout of `out`:
 
     out/results.csv            one row per finished trial (rewritten atomically after each trial)
     out/trial-000/bundle       the trained bundle (its logs in trial-000/bundle.run)
@@ -43,6 +53,38 @@ TrainFn = Callable[..., Path]
 EvalFn = Callable[..., dict[str, Any]]
 
 
+def _check_key(path: str | Path, key: Any) -> None:
+    if not isinstance(key, str) or "." not in key:
+        raise UserError(f"{path}: key {key!r}: expected a dotted config key such as train.mask_ratio")
+
+
+def read_trial_list(path: str | Path) -> list[dict[str, Any]] | None:
+    """The named trials of an ablation file (`trials: [{name: ..., dotted.key: value, ...}, ...]`), or None when
+    the file is a search space. Each trial gets a `name` (default `trial-N`); names must be unique."""
+    data = read_yaml(path)
+    if set(data) != {"trials"}:
+        if "trials" in data:
+            raise UserError(f"{path}: `trials:` must be the only top-level key of an ablation file")
+        return None
+    items = data["trials"]
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path}: trials: expected a non-empty list of mappings")
+    plan: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        if item is None:
+            item = {}
+        if not isinstance(item, dict):
+            raise UserError(f"{path}: trials[{i}]: expected a mapping of dotted keys to values, got {item!r}")
+        name = str(item.get("name", f"trial-{i}"))
+        if any(p.get("name") == name for p in plan):
+            raise UserError(f"{path}: trials[{i}]: duplicate name {name!r}")
+        for key in item:
+            if key != "name":
+                _check_key(path, key)
+        plan.append({"name": name, **{k: v for k, v in item.items() if k != "name"}})
+    return plan
+
+
 def read_space(path: str | Path) -> dict[str, list[Any]]:
     """Read and check a search space file: {dotted.key: [values...]} with at least one value per key."""
     data = read_yaml(path)
@@ -50,8 +92,7 @@ def read_space(path: str | Path) -> dict[str, list[Any]]:
         raise UserError(f"{path}: empty search space (expected keys like `train.mask_ratio: [0.5, 0.75]`)")
     space: dict[str, list[Any]] = {}
     for key, values in data.items():
-        if not isinstance(key, str) or "." not in key:
-            raise UserError(f"{path}: key {key!r}: expected a dotted config key such as train.mask_ratio")
+        _check_key(path, key)
         if not isinstance(values, list):
             values = [values]
         if not values:
@@ -82,7 +123,7 @@ def make_trials(space: dict[str, list[Any]], mode: str = "grid", trials: int | N
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], source: str) -> Config:
-    sets = [f"{k}={_format(v)}" for k, v in params.items()]
+    sets = [f"{k}={_format(v)}" for k, v in params.items() if k != "name"]
     return config_from_dict(apply_overrides(base, sets), f"{source} (trial {', '.join(sets)})")
 
 
@@ -103,6 +144,19 @@ def _write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _train_summary(bundle: Path) -> dict[str, Any]:
+    """Optimiser steps and last logged loss of a trained bundle (from its run log), for a fair-budget table."""
+    log_csv = Path(f"{bundle}.run") / "train_log.csv"
+    if not log_csv.is_file():
+        log_csv = Path(bundle) / "train_log.csv"
+    try:
+        with open(log_csv, newline="") as f:
+            last = list(csv.DictReader(f))[-1]
+        return {"steps": int(float(last.get("step", 0))), "final_loss": round(float(last.get("loss", "nan")), 4)}
+    except (OSError, IndexError, ValueError, TypeError):
+        return {"steps": None, "final_loss": None}
 
 
 def _hparam_value(v: Any) -> Any:
@@ -152,10 +206,16 @@ def run_sweep(
         raise UserError(f"{out}: already exists and is not empty; refusing to overwrite a sweep (choose another --out)")
     if not Path(data).is_dir():
         raise UserError(f"{data}: data folder not found")
-    space = read_space(space_file)
+    plan = read_trial_list(space_file)
+    if plan is not None:
+        mode = "list"
+        keys = sorted({k for p in plan for k in p if k != "name"})
+    else:
+        space = read_space(space_file)
+        keys = list(space)
+        plan = make_trials(space, mode, trials, seed)
     base = apply_overrides(read_yaml(config) if config is not None else {}, overrides)
     source = str(config) if config is not None else "<defaults>"
-    plan = make_trials(space, mode, trials, seed)
     configs = [trial_config(base, p, source) for p in plan]  # every trial validated up front
     if train_fn is None:
         from .train import run_training as train_fn
@@ -165,18 +225,23 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     trackers = _Trackers(out, tensorboard)
     rows: list[dict[str, Any]] = []
-    log.info("sweep: %d trials (%s) over %s", len(plan), mode, ", ".join(space))
+    log.info("sweep: %d trials (%s) over %s", len(plan), mode, ", ".join(keys))
     for i, (params, cfg) in enumerate(zip(plan, configs, strict=True)):
         name = f"trial-{i:03d}"
         tdir = out / name
         tdir.mkdir()
         row: dict[str, Any] = {"trial": name, **{k: _hparam_value(v) for k, v in params.items()}}
+        if mode == "list":  # an ablation row names its changes; keys it leaves at the base are blank
+            row = {"trial": name, "name": params["name"],
+                   "changes": ", ".join(f"{k}={_format(v)}" for k, v in params.items() if k != "name") or "-"}
         t0 = time.monotonic()
         try:
             bundle = train_fn(cfg, data, tdir / "bundle")
             t1 = time.monotonic()
             metrics = eval_fn(bundle, data, tdir / "eval")
             row.update({k: metrics.get(k) for k in METRIC_KEYS})
+            row["score_ms_per_image"] = round(1000 * float(metrics.get("seconds_per_image") or 0.0), 1)
+            row.update(_train_summary(bundle))
             row.update({"train_s": round(t1 - t0, 1), "eval_s": round(time.monotonic() - t1, 1),
                         "status": "ok", "error": ""})
             trackers.log(name, params, {k: float(v) for k, v in row.items() if k in METRIC_KEYS
@@ -194,4 +259,4 @@ def run_sweep(
     return rows
 
 
-__all__ = ["make_trials", "read_space", "run_sweep", "trial_config"]
+__all__ = ["make_trials", "read_space", "read_trial_list", "run_sweep", "trial_config"]

@@ -232,6 +232,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
     per_image = cfg.data.normalize == "per_image"
+    gray = cfg.model.in_chans == 1  # grayscale model: the mean of the normalised channels
 
     # 3. Model (+ local pretrained encoder), identical on every rank.
     torch.manual_seed(tc.seed)
@@ -311,7 +312,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
             ep_loss, ep_n = 0.0, 0
             n_batches = len(loader)
             for i, batch in enumerate(loader):
-                imgs = normalise_images(batch.to(device, non_blocking=True), mean, std, per_image)
+                imgs = normalise_images(batch.to(device, non_blocking=True), mean, std, per_image, gray)
                 last_micro = (i + 1) % tc.accum_iter == 0 or i + 1 == n_batches
                 sync = ddp.no_sync() if (distributed and not last_micro) else nullcontext()
                 with sync:

@@ -73,6 +73,22 @@ def test_official_mae_checkpoint_loads_blocks_exactly_and_resamples_patch_embed(
     assert not [k for k in report["missing"] if k.startswith("blocks.") and "lora_" not in k]
 
 
+def test_rgb_checkpoint_into_grayscale_model_sums_the_patch_kernel(tmp_path, caplog):
+    """A 1-channel model gets the RGB kernel summed over channels: on a gray image (all channels equal after
+    normalisation) its patch embedding equals the RGB model's."""
+    path, src = official_mae_file(tmp_path)
+    rgb = build_model(load_config(None, tiny_overrides()).model)
+    gray = build_model(load_config(None, tiny_overrides() + ["model.in_chans=1"]).model)
+    load_pretrained(rgb, path)
+    with caplog.at_level(logging.INFO, logger="mae_ad.checkpoint"):
+        report = load_pretrained(gray, path)
+    assert any("summed over RGB" in n for n in report["notes"])
+    assert gray.patch_embed.proj.weight.shape[1] == 1
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(gray.embed(x), rgb.embed(x.expand(-1, 3, -1, -1)), atol=1e-5)
+
+
 def test_timm_safetensors_with_learned_pos_embed_and_head(tmp_path, caplog):
     state = timm_encoder_state(seed=3)
     state["pos_embed"] = torch.randn_like(state["pos_embed"])  # learned

@@ -65,6 +65,35 @@ def test_sweep_applies_params_and_writes_results(tmp_path, synthetic_data):
     assert (out / "tensorboard" / "trial-000").is_dir()
 
 
+def test_ablation_list_runs_named_one_change_trials(tmp_path, synthetic_data):
+    space = _space(tmp_path, "trials:\n  - {name: base}\n  - {name: low-ratio, train.mask_ratio: 0.5}\n"
+                             "  - {name: both, train.mask_ratio: 0.6, scoring.sigma: 2}\n")
+    seen, train_fn, eval_fn = _fakes()
+    rows = run_sweep(space, synthetic_data, tmp_path / "abl", overrides=tiny_overrides() + ["train.mask_ratio=0.7"],
+                     train_fn=train_fn, eval_fn=eval_fn)
+    assert [(c.train.mask_ratio, c.scoring.sigma) for c in seen] == [(0.7, 4.0), (0.5, 4.0), (0.6, 2)]
+    assert [r["name"] for r in rows] == ["base", "low-ratio", "both"]
+    assert [r["changes"] for r in rows] == ["-", "train.mask_ratio=0.5", "train.mask_ratio=0.6, scoring.sigma=2"]
+    with open(tmp_path / "abl" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert table[1]["image_auroc"] == "0.5" and table[2]["status"] == "ok"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("trials:\n  - {name: a}\n  - {name: a, train.mask_ratio: 0.5}\n", "duplicate name 'a'"),
+    ("trials:\n  - {name: a, mask_ratio: 0.5}\n", "dotted"),
+    ("trials:\n  - {name: a, train.mask_ratio: 1.5}\n", "train.mask_ratio"),
+    ("trials: []\n", "non-empty list"),
+    ("trials:\n  - {name: a}\ntrain.mask_ratio: [0.5]\n", "only top-level key"),
+    ("trials:\n  - [1, 2]\n", r"trials\[0\]"),
+])
+def test_ablation_list_refuses_bad_files_before_training(tmp_path, synthetic_data, text, match):
+    seen, train_fn, eval_fn = _fakes()
+    with pytest.raises(UserError, match=match):
+        run_sweep(_space(tmp_path, text), synthetic_data, tmp_path / "o", train_fn=train_fn, eval_fn=eval_fn)
+    assert seen == [] and not (tmp_path / "o").exists()
+
+
 def test_sweep_refuses_bad_space_before_training(tmp_path, synthetic_data):
     seen, train_fn, eval_fn = _fakes()
     bad = _space(tmp_path, "train.mask_ratio: [0.5, 1.5]\n")

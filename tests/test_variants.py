@@ -289,8 +289,122 @@ def test_scorer_gmm_nll_is_mean_over_visible_passes():
         assert torch.allclose(scorer(x)[0], plain(x)[0] + 0.5 * nll_map, atol=1e-5)
 
 
+# --- grayscale model (model.in_chans=1) ---------------------------------------------------------------------------
+def test_grayscale_config_and_model_shapes():
+    cfg = _cfg("model.in_chans=1")
+    model = build_model(cfg.model)
+    assert model.patch_embed.proj.weight.shape[1] == 1
+    assert model.decoder_pred.out_features == cfg.model.patch_size ** 2
+    with pytest.raises(UserError, match="model.in_chans: 2"):
+        _cfg("model.in_chans=2")
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_grayscale_scorer_sees_channel_mean_and_report_inverts_it(per_image):
+    from mae_ad.scoring import normalise_images
+
+    extra = ["data.normalize=per_image"] if per_image else []
+    cfg = _cfg("model.in_chans=1", *extra)
+    torch.manual_seed(0)
+    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    g = torch.rand(2, 1, 32, 32)
+    img = g.expand(-1, 3, -1, -1).contiguous()
+    x = scorer.normalise_input(img)
+    assert x.shape == (2, 1, 32, 32)
+    manual = ((img - scorer.pix_mean) / scorer.pix_std).mean(dim=1, keepdim=True)
+    if per_image:
+        manual = (manual - manual.mean(dim=(2, 3), keepdim=True)) / manual.std(dim=(2, 3), keepdim=True,
+                                                                              unbiased=False)
+    assert torch.allclose(x, manual, atol=1e-4)
+    assert torch.allclose(normalise_images(img, scorer.pix_mean, scorer.pix_std, per_image, gray=True), x)
+    # A perfect reconstruction must come back as the input gray image, in all three channels.
+    scorer.reconstruct_with_nll = (  # type: ignore[method-assign]
+        lambda z, with_nll=True: (scorer.model.patchify(z), None))
+    rec = scorer.reconstruction(img)
+    assert rec.shape == (2, 3, 32, 32)
+    assert torch.allclose(rec, img, atol=1e-4)
+    with torch.no_grad():
+        amap, _ = scorer(img)  # and the error map of that perfect reconstruction is zero
+    assert amap.shape == (2, 1, 32, 32) and float(amap.abs().max()) < 1e-8
+
+
+def test_grayscale_model_ignores_colour_of_equal_luminance_inputs():
+    """A 1-channel model scores an image by the mean of its normalised channels: two colourings with the same mean
+    score the same, while an RGB model tells them apart."""
+    cfg = _cfg("model.in_chans=1", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]")
+    rgb_cfg = _cfg("data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]")
+    torch.manual_seed(0)
+    gray, rgb = Scorer(build_model(cfg.model), cfg).eval(), Scorer(build_model(rgb_cfg.model), rgb_cfg).eval()
+    a = torch.rand(1, 3, 32, 32) * 0.5 + 0.25
+    shift = torch.tensor([0.1, -0.05, -0.05]).view(1, 3, 1, 1)  # sums to zero: same channel mean
+    with torch.no_grad():
+        assert torch.allclose(gray(a)[0], gray(a + shift)[0], atol=1e-5)
+        assert not torch.allclose(rgb(a)[0], rgb(a + shift)[0], atol=1e-3)
+
+
+# --- fusion with the training-free patch statistics (scoring.stats_weight) ---------------------------------------
+def test_stats_weight_needs_position_normalisation():
+    with pytest.raises(UserError, match="scoring.stats_weight"):
+        _cfg("scoring.stats_weight=0.5")
+
+
+def test_stats_map_is_the_patch_statistics_baseline_and_is_added_to_the_map():
+    """With identity pixel normalisation the in-graph statistics map equals PatchStatsBaseline fitted on the same
+    normal images (the calibration's statistics half), and the final map is the normalised map plus w times it."""
+    from mae_ad.baseline import PatchStatsBaseline
+    from mae_ad.scoring import calibrate
+
+    ident = ["data.mean=[0,0,0]", "data.std=[1,1,1]", "scoring.normalize=position", "scoring.sigma=2"]
+    cfg = _cfg(*ident, "scoring.stats_weight=0.5")
+    plain_cfg = _cfg(*ident)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    normals = torch.rand(8, 3, 32, 32) * 0.2 + 0.4
+    scorer, plain = Scorer(model, cfg).eval(), Scorer(model, plain_cfg).eval()
+    cal = calibrate(scorer, normals, target_fpr=0.1)
+    calibrate(plain, normals, target_fpr=0.1)
+    assert cal["n_stats_images"] == 4
+    test = normals[:2].clone()
+    test[1, :, 8:12, 8:12] = 1.0  # a bright square
+    base = PatchStatsBaseline(patch=cfg.model.patch_size, sigma=2.0, std_floor=0.1).fit(normals[:4])
+    ref_maps, _ = base.score(test)
+    with torch.no_grad():
+        got = scorer.stats_map(test)
+        assert torch.allclose(got, ref_maps, atol=1e-3, rtol=1e-4)
+        amap, score = scorer(test)
+        assert torch.allclose(amap, plain(test)[0] + 0.5 * got, atol=1e-4)
+    assert float(score[1]) > float(score[0])
+
+
+def test_stats_fusion_bundle_roundtrip_and_missing_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mae_ad.bundle import load_scorer, save_bundle
+    from mae_ad.contract import BUNDLE_CALIB_TENSORS
+    from mae_ad.scoring import calibrate
+
+    cfg = _cfg("scoring.normalize=position", "scoring.stats_weight=1.0")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    scorer = Scorer(model, cfg).eval()
+    cal = calibrate(scorer, torch.rand(6, 3, 32, 32), target_fpr=0.2)
+    save_bundle(tmp_path / "b", model, cfg, cal, scorer=scorer)
+    loaded, _, _ = load_scorer(tmp_path / "b")
+    assert torch.equal(loaded.cell_std, scorer.cell_std) and float(scorer.cell_std.min()) > 0
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x)[0], scorer(x)[0])
+    tpath = tmp_path / "b" / BUNDLE_CALIB_TENSORS
+    t = load_file(str(tpath))
+    del t["cell_mean"]
+    save_file(t, str(tpath))
+    with pytest.raises(UserError, match="cell_mean"):
+        load_scorer(tmp_path / "b")
+
+
 # --- export ------------------------------------------------------------------------------------------------------
 VARIANTS = {
+    "grayscale": ["model.in_chans=1", "data.normalize=per_image"],
     "hybrid": ["model.pos_embed=hybrid"],
     "dyt": ["model.norm=dyt"],
     "multiscale-mean": ["model.multiscale=[0,1]"],
@@ -299,6 +413,7 @@ VARIANTS = {
     "registers": ["model.num_registers=4"],
     "gmm": ["model.gmm_components=3", "scoring.gmm_weight=0.2"],
     "block-masks": ["train.mask_mode=mixed"],
+    "stats-fusion": ["scoring.normalize=position", "scoring.stats_weight=0.5", "model.in_chans=1"],
     "all": ["model.pos_embed=hybrid", "model.norm=dyt", "model.multiscale=[0,1]", "model.num_registers=2",
             "model.gmm_components=2", "scoring.gmm_weight=0.1", "scoring.ssim_weight=0.5",
             "scoring.normalize=position", "scoring.pattern=grid"],
