@@ -149,18 +149,23 @@ class Scorer(nn.Module):
         return err
 
     def cell_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B, C, H, W] -> each patch cell's per-channel mean and std [B, 2C, g, g]."""
+        """Normalised images [B, C, H, W] -> each patch cell's per-channel mean and std [B, 2C, g, g]. Reshapes and
+        means only (no pooling op), so the exported graph stays inside the ops the compile stage checks."""
+        b, c, h, w = x.shape
         p = self.model.patch_size
-        mean = F.avg_pool2d(x, p)
-        var = F.avg_pool2d(x * x, p) - mean * mean
+        cells = x.reshape(b, c, h // p, p, w // p, p)
+        mean = cells.mean(dim=(3, 5))
+        var = (cells * cells).mean(dim=(3, 5)) - mean * mean
         return torch.cat([mean, var.clamp_min(1e-12).sqrt()], dim=1)
 
     def stats_map(self, image: torch.Tensor) -> torch.Tensor:
         """Patch-statistics map [B, 1, H, W]: per cell, the largest |z-score| of its mean/std against the same
-        position in normal images, bilinearly upsampled and smoothed like the reconstruction map."""
+        position in normal images, spread over the cell's pixels and smoothed like the reconstruction map."""
         f = self.cell_features(self.normalise_input(image))
-        z = ((f - self.cell_mean) / self.cell_std).abs().amax(dim=1, keepdim=True)
-        z = F.interpolate(z, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        z = ((f - self.cell_mean) / self.cell_std).abs().amax(dim=1, keepdim=True)  # [B, 1, g, g]
+        b, _, g, _ = z.shape
+        p = self.model.patch_size
+        z = z.reshape(b, 1, g, 1, g, 1).expand(b, 1, g, p, g, p).reshape(b, 1, g * p, g * p)
         return gaussian_blur(z, self.kernel) if self.smooth else z
 
     def reduce_map(self, amap: torch.Tensor) -> torch.Tensor:

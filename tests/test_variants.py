@@ -349,10 +349,11 @@ def test_stats_weight_needs_position_normalisation():
 
 
 def test_stats_map_is_the_patch_statistics_baseline_and_is_added_to_the_map():
-    """With identity pixel normalisation the in-graph statistics map equals PatchStatsBaseline fitted on the same
-    normal images (the calibration's statistics half), and the final map is the normalised map plus w times it."""
+    """With identity pixel normalisation the in-graph statistics map is PatchStatsBaseline's z-map (fitted on the
+    same normal images, the calibration's statistics half; spread over each cell instead of bilinear), and the final
+    map is the normalised map plus w times it."""
     from mae_ad.baseline import PatchStatsBaseline
-    from mae_ad.scoring import calibrate
+    from mae_ad.scoring import calibrate, gaussian_blur
 
     ident = ["data.mean=[0,0,0]", "data.std=[1,1,1]", "scoring.normalize=position", "scoring.sigma=2"]
     cfg = _cfg(*ident, "scoring.stats_weight=0.5")
@@ -367,7 +368,9 @@ def test_stats_map_is_the_patch_statistics_baseline_and_is_added_to_the_map():
     test = normals[:2].clone()
     test[1, :, 8:12, 8:12] = 1.0  # a bright square
     base = PatchStatsBaseline(patch=cfg.model.patch_size, sigma=2.0, std_floor=0.1).fit(normals[:4])
-    ref_maps, _ = base.score(test)
+    z = ((base.features(test) - base.mean) / base.std).abs().amax(dim=1, keepdim=True)
+    p = cfg.model.patch_size
+    ref_maps = gaussian_blur(z.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3), scorer.kernel)
     with torch.no_grad():
         got = scorer.stats_map(test)
         assert torch.allclose(got, ref_maps, atol=1e-3, rtol=1e-4)
@@ -457,6 +460,10 @@ def test_variant_exports_to_onnx_with_parity(name, tmp_path):
     if supported is not None:
         ops = {n.op_type for n in onnx.load(str(path)).graph.node} - {"Constant", "Identity"}
         assert ops <= supported, f"ops outside TensorRT's matrix: {sorted(ops - supported)}"
+    from trt.opcheck import check_graph  # and inside the compile stage's own (stricter) op table
+
+    bad = [r.op for r in check_graph(onnx.load(str(path))) if r.status == "unsupported"]
+    assert not bad, f"ops the compile stage would refuse: {bad}"
 
 
 def test_export_blockers_name_the_key():

@@ -38,7 +38,7 @@ TRT10_OPS: dict[str, OpSupport] = {
     "Abs": OpSupport(FI), "Max": OpSupport(FI), "Min": OpSupport(FI), "Tanh": OpSupport(F),
     "Sigmoid": OpSupport(F), "Relu": OpSupport(FI), "Clip": OpSupport(F), "Gelu": OpSupport(F),
     "MatMul": OpSupport(F), "Gemm": OpSupport(F), "Conv": OpSupport(F), "Einsum": OpSupport(F),
-    "Softmax": OpSupport(F),
+    "Softmax": OpSupport(F), "Log": OpSupport(F), "LogSoftmax": OpSupport(F),  # Log*: the GMM head's likelihood
     "LayerNormalization": OpSupport(F, "only the first output `Y` is supported"),
     "Cast": OpSupport("FP32, FP16, BF16, INT32, INT64, UINT8, BOOL"),
     "Constant": OpSupport(FIB, "`sparse_value`, `value_string(s)` unsupported"),
