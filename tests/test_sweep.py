@@ -138,3 +138,17 @@ def test_sweep_real_two_trials(tmp_path, synthetic_data):
         assert 0.0 <= float(r["image_auroc"]) <= 1.0 and 0.0 <= float(r["pixel_auroc"]) <= 1.0
     assert (out / "trial-001" / "bundle" / "weights.safetensors").is_file()
     assert (out / "trial-001" / "eval").is_dir()
+
+
+def test_shipped_ablation_file_validates_against_the_recipe():
+    """configs/ablation-magnetic-tile.yaml: every trial is a valid config on top of configs/magnetic-tile.yaml."""
+    from mae_ad.config import read_yaml
+    from mae_ad.sweep import read_trial_list, trial_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    plan = read_trial_list(root / "ablation-magnetic-tile.yaml")
+    assert plan is not None and plan[0]["name"] == "recipe" and len(plan) >= 10
+    base = read_yaml(root / "magnetic-tile.yaml")
+    cfgs = [trial_config(base, p, "ablation") for p in plan]
+    assert cfgs[0].model.decoder_depth == 2 and cfgs[0].train.mask_mode == "mixed"
+    assert {c.train.mask_mode for c in cfgs} == {"mixed", "random", "block"}
