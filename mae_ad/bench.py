@@ -112,7 +112,7 @@ def bench_training(cfg: Config, batch: int, seconds: float) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randn(batch, 3, cfg.model.img_size, cfg.model.img_size)
+    x = torch.randn(batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)  # model space (normalised)
 
     def step() -> None:
         loss, _, _ = model(x, cfg.train.mask_ratio)
@@ -135,9 +135,10 @@ def check_flop_estimates(cfg: Config, batch: int = 1) -> dict[str, float]:
     with torch.no_grad():
         counted_score = counted_flops(lambda: scorer(x), model) / batch
     model.train()
+    xt = torch.randn(2 * batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)  # model space
 
     def train_step() -> None:
-        loss, _, _ = model(x.repeat(2, 1, 1, 1), cfg.train.mask_ratio)
+        loss, _, _ = model(xt, cfg.train.mask_ratio)
         loss.backward()
 
     counted_train = counted_flops(train_step, model) / (2 * batch)

@@ -284,7 +284,7 @@ def _flops_parts(cfg: ModelConfig, keep: int) -> tuple[float, float]:
     embed = 2 * length * cfg.embed_dim * p * p * cfg.in_chans
     enc = encoder_flops_estimate(cfg, keep + 1)
     dec = encoder_flops_estimate(cfg, length + 1, decoder=True)
-    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * (length + 1) * cfg.decoder_embed_dim * p * p * 3
+    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * (length + 1) * cfg.decoder_embed_dim * p * p * cfg.in_chans
     return float(embed), float(enc + dec + proj)
 
 

@@ -12,7 +12,8 @@ from .conftest import tiny_overrides
 
 
 @pytest.mark.parametrize("extra", [[], ["model.lora.mlp=true", "model.lora.rank=8"], ["model.lora.rank=0"],
-                                   ["model.lora.where=decoder", "train.mask_ratio=0.5", "scoring.num_masks=2"]])
+                                   ["model.lora.where=decoder", "train.mask_ratio=0.5", "scoring.num_masks=2"],
+                                   ["model.in_chans=1"]])
 def test_flop_estimates_match_flop_counter(extra):
     c = check_flop_estimates(load_config(None, tiny_overrides() + ["scoring.sigma=0"] + extra))
     assert c["training_estimate"] == pytest.approx(c["training_counted"], rel=0.01)
