@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .contract import UserError
-from .scoring import gaussian_blur, gaussian_kernel1d
+from .scoring import cell_stats, gaussian_blur, gaussian_kernel1d, normal_statistics
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,14 @@ class PatchStatsBaseline:
         x = torch.as_tensor(images, dtype=torch.float32)
         if x.shape[-1] % self.patch or x.shape[-2] % self.patch:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch}")
-        mean = F.avg_pool2d(x, self.patch)
-        var = (F.avg_pool2d(x * x, self.patch) - mean * mean).clamp_min(0)
-        return torch.cat([mean, var.sqrt()], dim=1)
+        return cell_stats(x, self.patch)
 
     def fit(self, images: torch.Tensor, batch_size: int = 64) -> PatchStatsBaseline:
         if len(images) < 2:
             raise ValueError(f"the patch-statistics baseline needs at least 2 normal images, got {len(images)}")
         feats = torch.cat([self.features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-        self.mean = feats.mean(dim=0)
-        std = feats.std(dim=0)
-        floor = std.flatten().median().clamp_min(1e-6) * self.std_floor
-        self.std = torch.maximum(std, floor)
+        mean, std = normal_statistics(feats, floor_share=self.std_floor, eps=1e-6)
+        self.mean, self.std = mean[0], std[0]
         self.size = int(images.shape[-1])
         return self
 

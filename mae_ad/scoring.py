@@ -35,6 +35,27 @@ def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     return x
 
 
+def cell_stats(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> each p x p cell's per-channel mean and standard deviation [B, 2C, H/p, W/p]. Reshapes and
+    means only (no pooling op), so it also exports inside the ops the compile stage checks."""
+    b, c, h, w = x.shape
+    cells = x.reshape(b, c, h // p, p, w // p, p)
+    mean = cells.mean(dim=(3, 5))
+    var = (cells * cells).mean(dim=(3, 5)) - mean * mean
+    return torch.cat([mean, var.clamp_min(0).sqrt()], dim=1)
+
+
+def normal_statistics(samples: torch.Tensor, floor_share: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position mean and std over normal samples [N, ...] -> ([1, ...], [1, ...]). The std is floored at
+    `floor_share` times its median (at least `eps`), so positions where all normals agree do not divide by ~0;
+    with one sample it is 1."""
+    mean = samples.mean(dim=0, keepdim=True)
+    if samples.shape[0] < 2:
+        return mean, torch.ones_like(mean)
+    std = samples.std(dim=0, keepdim=True)
+    return mean, torch.maximum(std, std.flatten().median().clamp_min(eps) * floor_share)
+
+
 gaussian_kernel1d = gaussian_window  # normalised 1-D Gaussian, radius ceil(3 sigma) capped at max_radius
 
 
@@ -149,14 +170,8 @@ class Scorer(nn.Module):
         return err
 
     def cell_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images [B, C, H, W] -> each patch cell's per-channel mean and std [B, 2C, g, g]. Reshapes and
-        means only (no pooling op), so the exported graph stays inside the ops the compile stage checks."""
-        b, c, h, w = x.shape
-        p = self.model.patch_size
-        cells = x.reshape(b, c, h // p, p, w // p, p)
-        mean = cells.mean(dim=(3, 5))
-        var = (cells * cells).mean(dim=(3, 5)) - mean * mean
-        return torch.cat([mean, var.clamp_min(1e-12).sqrt()], dim=1)
+        """Normalised images [B, C, H, W] -> each patch cell's per-channel mean and std [B, 2C, g, g]."""
+        return cell_stats(x, self.model.patch_size)
 
     def stats_map(self, image: torch.Tensor) -> torch.Tensor:
         """Patch-statistics map [B, 1, H, W]: per cell, the largest |z-score| of its mean/std against the same
@@ -252,16 +267,11 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     if scorer.normalize:
         stats_n = n // 2
         raw, _ = score_batches(scorer, images[:stats_n], batch_size, raw=True)
-        mean = raw.mean(dim=0, keepdim=True)
-        std = raw.std(dim=0, keepdim=True) if stats_n > 1 else torch.ones_like(mean)
-        floor = std.flatten().median().clamp_min(1e-8) * 0.25  # avoid dividing by ~0 where all normals agree
-        scorer.set_normal_stats(mean, torch.maximum(std, floor))
+        scorer.set_normal_stats(*normal_statistics(raw, floor_share=0.25, eps=1e-8))
         if scorer.stats_weight > 0:
             feats = torch.cat([scorer.cell_features(scorer.normalise_input(images[i:min(i + batch_size, stats_n)]))
                                for i in range(0, stats_n, batch_size)])
-            cstd = feats.std(dim=0, keepdim=True) if stats_n > 1 else torch.ones_like(feats[:1])
-            cfloor = cstd.flatten().median().clamp_min(1e-6) * 0.1
-            scorer.set_cell_stats(feats.mean(dim=0, keepdim=True), torch.maximum(cstd, cfloor))
+            scorer.set_cell_stats(*normal_statistics(feats, floor_share=0.1, eps=1e-6))
     _, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()
     threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
