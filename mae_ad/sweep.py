@@ -147,12 +147,10 @@ def _write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _train_summary(bundle: Path) -> dict[str, Any]:
-    """Optimiser steps and last logged loss of a trained bundle (from its run log), for a fair-budget table."""
-    log_csv = Path(f"{bundle}.run") / "train_log.csv"
-    if not log_csv.is_file():
-        log_csv = Path(bundle) / "train_log.csv"
+    """Optimiser steps and last logged loss of a trained bundle (from the copy of its run log that training puts
+    in every bundle), for a fair-budget table."""
     try:
-        with open(log_csv, newline="") as f:
+        with open(Path(bundle) / "train_log.csv", newline="") as f:
             last = list(csv.DictReader(f))[-1]
         return {"steps": int(float(last.get("step", 0))), "final_loss": round(float(last.get("loss", "nan")), 4)}
     except (OSError, IndexError, ValueError, TypeError):
@@ -230,10 +228,11 @@ def run_sweep(
         name = f"trial-{i:03d}"
         tdir = out / name
         tdir.mkdir()
-        row: dict[str, Any] = {"trial": name, **{k: _hparam_value(v) for k, v in params.items()}}
-        if mode == "list":  # an ablation row names its changes; keys it leaves at the base are blank
-            row = {"trial": name, "name": params["name"],
-                   "changes": ", ".join(f"{k}={_format(v)}" for k, v in params.items() if k != "name") or "-"}
+        if mode == "list":  # an ablation row names its trial and its changes instead of a column per key
+            row: dict[str, Any] = {"trial": name, "name": params["name"], "changes": ", ".join(
+                f"{k}={_format(v)}" for k, v in params.items() if k != "name") or "-"}
+        else:
+            row = {"trial": name, **{k: _hparam_value(v) for k, v in params.items()}}
         t0 = time.monotonic()
         try:
             bundle = train_fn(cfg, data, tdir / "bundle")
