@@ -154,8 +154,10 @@ class Scorer(nn.Module):
         """Per-pixel squared error averaged over channels, smoothed; before the calibration normalisation.
         With scoring.ssim_weight / scoring.gmm_weight: (1 - w_ssim) * squared error + w_ssim * (1 - SSIM) / 2
         + w_gmm * per-patch GMM NLL, then smoothed."""
+        return self._raw_map(self.normalise_input(image))
+
+    def _raw_map(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x = self.normalise_input(image)
         c = x.shape[1]
         pred, nll = self.reconstruct_with_nll(x, with_nll=self.gmm_weight > 0)
         err = m.unpatchify((pred - m.patchify(x)) ** 2, channels=c).mean(dim=1, keepdim=True)  # [B, 1, H, W]
@@ -176,7 +178,10 @@ class Scorer(nn.Module):
     def stats_map(self, image: torch.Tensor) -> torch.Tensor:
         """Patch-statistics map [B, 1, H, W]: per cell, the largest |z-score| of its mean/std against the same
         position in normal images, spread over the cell's pixels and smoothed like the reconstruction map."""
-        f = self.cell_features(self.normalise_input(image))
+        return self._stats_map(self.normalise_input(image))
+
+    def _stats_map(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.cell_features(x)
         z = ((f - self.cell_mean) / self.cell_std).abs().amax(dim=1, keepdim=True)  # [B, 1, g, g]
         b, _, g, _ = z.shape
         p = self.model.patch_size
@@ -191,11 +196,12 @@ class Scorer(nn.Module):
 
     # --- the graph ---------------------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amap = self.raw_map(image)
+        x = self.normalise_input(image)  # once, for both maps
+        amap = self._raw_map(x)
         if self.normalize:
             amap = (amap - self.map_mean) / self.map_std
         if self.stats_weight > 0:
-            amap = amap + self.stats_weight * self.stats_map(image)
+            amap = amap + self.stats_weight * self._stats_map(x)
         return amap, self.reduce_map(amap)
 
     @torch.no_grad()
