@@ -18,6 +18,10 @@ What happens to each part:
   regenerating it on the new grid is the exact "interpolation". For a timm checkpoint with a LEARNED position
   embedding the pretrained positions are dropped (reported), and fine-tuning adapts the encoder to sin-cos.
 - the decoder is not in these checkpoints: it trains from scratch (keep `model.lora.train_decoder: true`).
+
+A bundle directory written by `mae-ad train` (for instance a base pretrained on the texture corpus,
+configs/base-textures.yaml) is a third source: its LoRA adapters are merged first, and its decoder is loaded too
+when this model's decoder has the same architecture (otherwise it trains from scratch, reported).
 """
 
 from __future__ import annotations
@@ -42,9 +46,29 @@ ENCODER_PREFIXES = ("cls_token", "patch_embed.", "blocks.", "norm.")
 IGNORED_PREFIXES = ("head.", "fc_norm.", "head_drop.")  # classifier parts of fine-tuned / timm checkpoints
 
 
+def bundle_base_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The weights of one of our own bundles as a base for another model: built from the bundle's config, its
+    LoRA adapters (if any) merged into the base weights, so the new model's fresh adapters (B = 0) start exactly
+    where the bundle ended. Decoder and variant tensors are included."""
+    from .bundle import load_bundle
+    from .lora import has_lora, merge_lora
+
+    _, model, _ = load_bundle(path)
+    if has_lora(model):
+        merge_lora(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def read_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a state dict from `.safetensors` or a torch file (weights_only); unwrap `model` / `state_dict`."""
+    """Read a state dict from a bundle directory (`mae-ad train` output, adapters merged), `.safetensors` or a
+    torch file (weights_only); unwrap `model` / `state_dict`."""
     p = Path(path)
+    if p.is_dir():
+        from .contract import BUNDLE_META
+
+        if not (p / BUNDLE_META).is_file():
+            raise UserError(f"{p}: a directory given as model.pretrained must be a model bundle (no {BUNDLE_META})")
+        return bundle_base_state(p)
     if not p.is_file():
         raise UserError(f"{p}: pretrained weights file not found (model.pretrained)")
     if p.suffix == ".safetensors":
@@ -79,7 +103,16 @@ def load_pretrained(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -
     notes: list[str] = []
     unexpected: list[str] = []
 
+    # The decoder (our own base bundles carry one) loads only as a whole: all of this model's decoder tensors
+    # present with the same shapes. Otherwise it trains from scratch, as with the encoder-only MAE checkpoints.
+    own_dec = [k for k in own if k.startswith(DECODER_PREFIXES) and "lora_" not in k]
+    src_dec = [k for k in src if k.startswith(DECODER_PREFIXES)]
+    dec_fits = bool(own_dec) and all(k in src and src[k].shape == own[k].shape for k in own_dec)
+    if src_dec and not dec_fits:
+        notes.append(f"decoder not loaded ({len(src_dec)} tensors): its architecture differs from this model's")
     for key, value in src.items():
+        if key.startswith(DECODER_PREFIXES) and not dec_fits:
+            continue
         if key == "pos_embed":
             grid = int(round((value.shape[1] - 1) ** 0.5)) if value.ndim == 3 else 0
             ref = sincos_pos_embed_2d(value.shape[-1], grid) if grid and value.shape[-1] % 4 == 0 else None

@@ -142,6 +142,20 @@ def prepare_data(
     typer.echo(str(root))
 
 
+@app.command("make-corpus")
+def make_corpus(
+    out: Annotated[Path, typer.Option("--out", "-o", help="corpus directory to create (OUT/train/good/*.png)")],
+    n: Annotated[int, typer.Option(help="number of images")] = 4000,
+    size: Annotated[int, typer.Option(help="image side in pixels")] = 160,
+    seed: int = 0,
+) -> None:
+    """Draw a broad corpus of procedural surface textures for pretraining a base MAE once (docs/learn.md)."""
+    from .corpus import write_corpus
+
+    counts = write_corpus(out, n=n, size=size, seed=seed)
+    typer.echo(f"{out}: {n} images (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+
+
 @app.command()
 def bench(
     what: Annotated[str, typer.Argument(help="scoring | train | all")] = "all",

@@ -154,3 +154,50 @@ def test_training_loads_model_pretrained(synthetic_data, tmp_path):
     assert torch.equal(w["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])
     assert torch.count_nonzero(w["blocks.0.attn.qkv.lora_B"]) > 0
     assert json.loads((out / "meta.json").read_text())["training"]["pretrained"] == str(path)
+
+
+def _perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial values everywhere, LoRA B included, so 'merged and loaded exactly' means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def _pred(model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(imgs, generator=torch.Generator().manual_seed(3))[1]
+
+
+def test_own_bundle_as_base_merges_its_adapters_and_loads_its_decoder(tmp_path, caplog):
+    """A base bundle (LoRA rank 2) as model.pretrained of a product model with fresh rank-4 adapters: the product
+    model starts as exactly the base, decoder included; a non-bundle directory is a user error."""
+    from mae_ad.bundle import save_bundle
+
+    base_cfg = load_config(None, tiny_overrides() + ["model.lora.rank=2"])
+    base = _perturbed(build_model(base_cfg.model), seed=1)
+    assert torch.count_nonzero(base.blocks[0].attn.qkv.lora_B) > 0  # the adapters carry part of the base
+    save_bundle(tmp_path / "base", base, base_cfg, calibration=None)
+    imgs = smooth_image(32).repeat(2, 1, 1, 1)
+
+    product = build_model(load_config(None, tiny_overrides() + [
+        f"model.pretrained={tmp_path / 'base'}", "model.lora.rank=4"]).model).eval()
+    report = load_pretrained(product, tmp_path / "base")
+    assert torch.count_nonzero(product.blocks[0].attn.qkv.lora_B) == 0  # fresh adapters: a no-op
+    assert not [k for k in report["missing"] if "lora_" not in k]  # nothing else left untrained
+    torch.testing.assert_close(_pred(product, imgs), _pred(base, imgs), rtol=1e-5, atol=1e-5)
+
+    # another decoder: the encoder still loads, the decoder trains from scratch (said), nothing raises
+    other = build_model(load_config(None, tiny_overrides() + ["model.decoder_embed_dim=48"]).model)
+    with caplog.at_level(logging.INFO, logger="mae_ad.checkpoint"):
+        report = load_pretrained(other, tmp_path / "base")
+    assert "decoder not loaded" in caplog.text
+    assert any(k.startswith("decoder_") for k in report["missing"])
+    merged_qkv = base.blocks[1].attn.qkv.weight + base.blocks[1].attn.qkv.scaling * (
+        base.blocks[1].attn.qkv.lora_B @ base.blocks[1].attn.qkv.lora_A)
+    torch.testing.assert_close(other.blocks[1].attn.qkv.weight.detach(), merged_qkv.detach())
+
+    (tmp_path / "notabundle").mkdir()
+    with pytest.raises(UserError, match="notabundle.*must be a model bundle"):
+        load_pretrained(other, tmp_path / "notabundle")
