@@ -30,7 +30,7 @@ def test_every_family_draws_a_textured_image_and_seeds_reproduce():
 
 def test_corpus_is_broad_grey_and_colour_many_families():
     rng = np.random.default_rng(0)
-    imgs, names = zip(*(texture(rng, 48) for _ in range(80)))
+    imgs, names = zip(*(texture(rng, 48) for _ in range(80)), strict=True)
     assert len(set(names)) == len(FAMILIES)
     grey = [bool(np.array_equal(i[..., 0], i[..., 1]) and np.array_equal(i[..., 1], i[..., 2])) for i in imgs]
     assert 0.2 < np.mean(grey) < 0.8
