@@ -2,7 +2,8 @@
 
 `mae-ad calibrate BUNDLE --data DIR --out NEW [--set scoring.sigma=2 --set calibration.target_fpr=0.005]`
 re-scores the bundle's own held-back normal images (listed in its calibration.json) under the new settings and
-writes a new bundle. Only `scoring.*` and `calibration.target_fpr` may change: anything else would need retraining.
+writes a new bundle. Only `scoring.*`, `calibration.target_fpr` and `calibration.stats_source` may change:
+anything else would need retraining.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import torch
 from .bundle import load_bundle, staged_dir, write_bundle_files
 from .config import apply_overrides, config_from_dict
 from .contract import UserError, read_calibration
-from .data import load_stack
+from .data import index_dataset, load_stack, stats_training_paths
 from .scoring import Scorer, calibrate
 
 log = logging.getLogger(__name__)
 
-ALLOWED_PREFIXES = ("scoring.", "calibration.target_fpr")
+ALLOWED_PREFIXES = ("scoring.", "calibration.target_fpr", "calibration.stats_source")
 
 
 def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -29,7 +30,8 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     bundle, data, out = Path(bundle), Path(data), Path(out)
     for item in overrides or []:
         if not item.split("=", 1)[0].strip().startswith(ALLOWED_PREFIXES):
-            raise UserError(f"--set {item!r}: calibrate may change only scoring.* and calibration.target_fpr")
+            raise UserError(f"--set {item!r}: calibrate may change only scoring.*, calibration.target_fpr and "
+                            "calibration.stats_source")
     old_cal = read_calibration(bundle)
     holdout = old_cal.get("holdout_images")
     if not holdout:
@@ -44,7 +46,16 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{bundle} (with --set {overrides})")
     scorer = Scorer(model, cfg).eval()
     images = torch.from_numpy(load_stack(paths, cfg.model.img_size))
-    cal = calibrate(scorer, images, cfg.calibration.target_fpr, batch_size=batch_size)
+    stats_images = None
+    if cfg.calibration.stats_source == "train" and cfg.scoring.normalize == "position":
+        # the bundle's training images: this dataset's normal training images minus its held-back ones
+        held = set(holdout)
+        index = index_dataset(data)
+        train_paths = [p for p in index.train if str(p.relative_to(index.root)) not in held]
+        if not train_paths:
+            raise UserError(f"{data}: no training images besides the held-back ones (calibration.stats_source=train)")
+        stats_images = torch.from_numpy(load_stack(stats_training_paths(train_paths), cfg.model.img_size))
+    cal = calibrate(scorer, images, cfg.calibration.target_fpr, batch_size=batch_size, stats_images=stats_images)
     cal["holdout_images"] = holdout
     cal["recalibrated_from"] = meta.get("model_id")
     extra = {k: v for k, v in meta.items() if k == "training"}

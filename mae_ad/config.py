@@ -191,6 +191,12 @@ class CalibrationConfig(Section):
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of train/good held back for calibration")
     min_holdout: int = Field(4, ge=1)
     target_fpr: float = Field(0.01, gt=0, lt=1, description="false-alarm rate on normal images the threshold aims at")
+    # Where scoring.normalize=position takes its per-pixel normal statistics from. holdout: the first half of the
+    # held-back images (the second half sets the threshold). train: the training images (at most
+    # STATS_MAX_TRAIN_IMAGES, evenly spaced), and then every held-back image sets the threshold. An underfitted
+    # model reconstructs its training images about as well as unseen ones, and per-pixel statistics from 8x more
+    # images are far less noisy; the threshold still comes only from images neither training nor statistics saw.
+    stats_source: Literal["holdout", "train"] = "holdout"
 
 
 class Config(Section):

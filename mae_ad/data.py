@@ -173,6 +173,18 @@ def split_holdout(paths: list[Path], fraction: float, minimum: int, seed: int = 
     return train, hold
 
 
+STATS_MAX_TRAIN_IMAGES = 512  # calibration.stats_source=train uses at most this many training images
+
+
+def stats_training_paths(train_paths: list[Path], limit: int = STATS_MAX_TRAIN_IMAGES) -> list[Path]:
+    """The training images calibration.stats_source=train takes statistics from: all of them, or `limit`
+    evenly spaced ones (sorted order, so the same images every time)."""
+    paths = sorted(train_paths)
+    if len(paths) <= limit:
+        return paths
+    return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
+
+
 def load_stack(paths: list[Path], size: int) -> np.ndarray:
     """Read images into one float32 array [N, 3, S, S]."""
     if not paths:

@@ -260,10 +260,13 @@ def score_batches(scorer: Scorer, images: torch.Tensor, batch_size: int = 8, raw
 
 
 @torch.no_grad()
-def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_size: int = 8) -> dict[str, Any]:
+def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_size: int = 8,
+              stats_images: torch.Tensor | None = None) -> dict[str, Any]:
     """Fit the decision threshold (and, with scoring.normalize=position, the per-pixel normal statistics) on
-    held-back normal images only. With position normalisation the images are split in two halves: the statistics
-    come from the first, the threshold from the second, so the threshold is not set on images the statistics saw.
+    normal images only. `images` are held-back normals. With position normalisation and no `stats_images` they are
+    split in two halves: the statistics come from the first, the threshold from the second, so the threshold is
+    not set on images the statistics saw. With `stats_images` (calibration.stats_source=train: the training
+    images) the statistics come from those and every held-back image sets the threshold.
     """
     n = images.shape[0]
     if n < 2:
@@ -271,13 +274,19 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     scorer.eval()
     stats_n = 0
     if scorer.normalize:
-        stats_n = n // 2
-        raw, _ = score_batches(scorer, images[:stats_n], batch_size, raw=True)
+        if stats_images is None:
+            stats_n = n // 2
+            stats_src = images[:stats_n]
+        else:
+            stats_src = stats_images
+        raw, _ = score_batches(scorer, stats_src, batch_size, raw=True)
         scorer.set_normal_stats(*normal_statistics(raw, floor_share=0.25, eps=1e-8))
+        m = stats_src.shape[0]
         if scorer.stats_weight > 0:
-            feats = torch.cat([scorer.cell_features(scorer.normalise_input(images[i:min(i + batch_size, stats_n)]))
-                               for i in range(0, stats_n, batch_size)])
+            feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:min(i + batch_size, m)]))
+                               for i in range(0, m, batch_size)])
             scorer.set_cell_stats(*normal_statistics(feats, floor_share=0.1, eps=1e-6))
+    n_stats = 0 if not scorer.normalize else (stats_n if stats_images is None else int(stats_images.shape[0]))
     _, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()
     threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
@@ -286,7 +295,8 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
         "target_fpr": target_fpr,
         "n_images": int(n),
         "n_threshold_images": int(len(s)),
-        "n_stats_images": int(stats_n),
+        "n_stats_images": int(n_stats),
+        "stats_source": "none" if not scorer.normalize else ("holdout" if stats_images is None else "train"),
         "normal_score_mean": float(s.mean()),
         "normal_score_std": float(s.std()),
         "normal_score_max": float(s.max()),

@@ -405,7 +405,12 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
         model.eval()
         scorer = Scorer(model, cfg).to(device).eval()
         hold_imgs = torch.from_numpy(data_mod.load_stack(holdout, cfg.model.img_size)).to(device)
-        calibration = calibrate(scorer, hold_imgs, cfg.calibration.target_fpr, batch_size=tc.batch_size)
+        stats_imgs = None
+        if cfg.calibration.stats_source == "train" and cfg.scoring.normalize == "position":
+            stats_imgs = torch.from_numpy(data_mod.load_stack(data_mod.stats_training_paths(train_paths),
+                                                              cfg.model.img_size)).to(device)
+        calibration = calibrate(scorer, hold_imgs, cfg.calibration.target_fpr, batch_size=tc.batch_size,
+                                stats_images=stats_imgs)
         calibration["holdout_images"] = [str(p.relative_to(index.root)) for p in holdout]
         training_meta = {
             "data": str(index.root), "layout": index.layout, "n_train_images": len(train_paths),
