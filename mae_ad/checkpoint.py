@@ -155,13 +155,14 @@ def load_pretrained(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -
     result = model.load_state_dict(loaded, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     missing = list(result.missing_keys)
-    decoder = [k for k in missing if k.startswith(DECODER_PREFIXES)]
-    lora = [k for k in missing if "lora_" in k and not k.startswith(DECODER_PREFIXES)]
+    lora = [k for k in missing if "lora_" in k]
+    decoder = [k for k in missing if k.startswith(DECODER_PREFIXES) and k not in lora]
     other = [k for k in missing if k not in decoder and k not in lora]
+    n_dec = sum(k.startswith(DECODER_PREFIXES) for k in loaded)
     log.info(
-        "pretrained %s: loaded %d encoder tensors; %s; missing: %d decoder tensors (not in the checkpoint, trained "
-        "from scratch), %d LoRA matrices (new adapters)%s; unexpected (ignored): %s",
-        p, len(loaded), "; ".join(notes) or "no resampling needed", len(decoder), len(lora),
+        "pretrained %s: loaded %d encoder and %d decoder tensors; %s; missing: %d decoder tensors (not in the "
+        "checkpoint, trained from scratch), %d LoRA matrices (new adapters)%s; unexpected (ignored): %s",
+        p, len(loaded) - n_dec, n_dec, "; ".join(notes) or "no resampling needed", len(decoder), len(lora),
         f", other: {', '.join(other)}" if other else "", ", ".join(unexpected) or "none",
     )
     return {"loaded": sorted(loaded), "missing": missing, "unexpected": unexpected, "notes": notes}

@@ -183,7 +183,11 @@ def test_own_bundle_as_base_merges_its_adapters_and_loads_its_decoder(tmp_path, 
 
     product = build_model(load_config(None, tiny_overrides() + [
         f"model.pretrained={tmp_path / 'base'}", "model.lora.rank=4"]).model).eval()
-    report = load_pretrained(product, tmp_path / "base")
+    with caplog.at_level(logging.INFO, logger="mae_ad.checkpoint"):
+        report = load_pretrained(product, tmp_path / "base")
+    n_dec = sum(k.startswith("decoder_") or k == "mask_token" for k in report["loaded"])
+    assert n_dec > 0 and f"and {n_dec} decoder tensors" in caplog.text and "missing: 0 decoder tensors" in caplog.text
+    caplog.clear()
     assert torch.count_nonzero(product.blocks[0].attn.qkv.lora_B) == 0  # fresh adapters: a no-op
     assert not [k for k in report["missing"] if "lora_" not in k]  # nothing else left untrained
     torch.testing.assert_close(_pred(product, imgs), _pred(base, imgs), rtol=1e-5, atol=1e-5)
