@@ -145,6 +145,10 @@ class ScoringConfig(Section):
     ssim_weight: float = Field(0.0, ge=0, le=1, description="share of the structural (1 - SSIM) map (0 = off)")
     ssim_sigma: float = Field(1.5, gt=0, description="Gaussian window sigma of the SSIM map, in pixels")
     gmm_weight: float = Field(0.0, ge=0, description="weight of the GMM head's per-patch NLL in the map (0 = off)")
+    # Low-pass error: the residual (reconstruction - input) is blurred per channel with this sigma BEFORE it is
+    # squared. Zero-mean texture residuals (detail no reconstruction can predict) cancel; a coherent change of the
+    # local level (a dark hole, a bright chip, a line) keeps its sign across its pixels and survives.
+    lowpass_sigma: float = Field(0.0, ge=0, description="Gaussian sigma (pixels) of the residual low-pass (0 = off)")
     stats_weight: float = Field(0.0, ge=0, description="weight of the training-free patch-statistics z-map added to "
                                 "the position-normalised map (0 = off; needs normalize=position)")
 

@@ -17,7 +17,7 @@ from torch import nn
 from .config import Config
 from .masking import inference_masks, masks_to_ids
 from .model import MaskedAutoencoderViT
-from .variants import gaussian_window, ssim_map
+from .variants import blur_channels, gaussian_window, ssim_map
 
 
 def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, per_image: bool = False,
@@ -101,6 +101,9 @@ class Scorer(nn.Module):
         self.ssim_weight = float(sc.ssim_weight)
         if self.ssim_weight > 0:
             self.register_buffer("ssim_window", gaussian_window(sc.ssim_sigma, size - 1))
+        self.lowpass = sc.lowpass_sigma > 0
+        if self.lowpass:
+            self.register_buffer("lowpass_window", gaussian_window(sc.lowpass_sigma, size - 1))
         self.gmm_weight = float(sc.gmm_weight)
         if self.gmm_weight > 0 and not hasattr(model, "gmm_head"):
             raise ValueError("scoring.gmm_weight > 0 needs a model with a GMM head (model.gmm_components > 0)")
@@ -152,6 +155,7 @@ class Scorer(nn.Module):
 
     def raw_map(self, image: torch.Tensor) -> torch.Tensor:
         """Per-pixel squared error averaged over channels, smoothed; before the calibration normalisation.
+        With scoring.lowpass_sigma the residual is blurred per channel before it is squared.
         With scoring.ssim_weight / scoring.gmm_weight: (1 - w_ssim) * squared error + w_ssim * (1 - SSIM) / 2
         + w_gmm * per-patch GMM NLL, then smoothed."""
         return self._raw_map(self.normalise_input(image))
@@ -160,7 +164,10 @@ class Scorer(nn.Module):
         m = self.model
         c = x.shape[1]
         pred, nll = self.reconstruct_with_nll(x, with_nll=self.gmm_weight > 0)
-        err = m.unpatchify((pred - m.patchify(x)) ** 2, channels=c).mean(dim=1, keepdim=True)  # [B, 1, H, W]
+        resid = m.unpatchify(pred - m.patchify(x), channels=c)  # [B, C, H, W]
+        if self.lowpass:
+            resid = blur_channels(resid, self.lowpass_window)
+        err = (resid * resid).mean(dim=1, keepdim=True)  # [B, 1, H, W]
         if self.ssim_weight > 0:
             s = ssim_map(m.unpatchify(pred, channels=c), x, self.ssim_window).mean(dim=1, keepdim=True)
             err = (1.0 - self.ssim_weight) * err + self.ssim_weight * (1.0 - s) * 0.5

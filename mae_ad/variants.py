@@ -89,7 +89,7 @@ def gaussian_window(sigma: float, max_radius: int) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
-def _blur(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+def blur_channels(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Separable blur of [B, C, H, W] per channel, reflect padding, output the input size."""
     b, c, h, w = x.shape
     r = window.numel() // 2
@@ -103,10 +103,10 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor, window: torch.Tensor,
              data_range: float = SSIM_DATA_RANGE) -> torch.Tensor:
     """Local SSIM of two [B, C, H, W] images with a Gaussian window; [B, C, H, W], 1 where identical."""
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = _blur(a, window), _blur(b, window)
-    var_a = _blur(a * a, window) - mu_a * mu_a
-    var_b = _blur(b * b, window) - mu_b * mu_b
-    cov = _blur(a * b, window) - mu_a * mu_b
+    mu_a, mu_b = blur_channels(a, window), blur_channels(b, window)
+    var_a = blur_channels(a * a, window) - mu_a * mu_a
+    var_b = blur_channels(b * b, window) - mu_b * mu_b
+    cov = blur_channels(a * b, window) - mu_a * mu_b
     num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
     den = (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
     return num / den

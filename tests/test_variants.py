@@ -15,7 +15,7 @@ from mae_ad.contract import UserError
 from mae_ad.masking import block_masks, inference_masks, lattice_masks, training_masking_ids
 from mae_ad.model import build_model
 from mae_ad.scoring import Scorer
-from mae_ad.variants import DyT, GMMHead, export_blockers, gaussian_window, ssim_map
+from mae_ad.variants import DyT, GMMHead, blur_channels, export_blockers, gaussian_window, ssim_map
 
 from .conftest import tiny_overrides
 
@@ -221,6 +221,30 @@ def test_scorer_ssim_map_combination():
     assert torch.allclose(half, 0.5 * mse + 0.5 * ds, atol=1e-5)
 
 
+def test_lowpass_residual_cancels_texture_and_keeps_a_coherent_blob():
+    """The low-pass map equals the blurred residual squared; on a reconstruction that misses zero-mean texture
+    everywhere and a dark blob in one place, it suppresses the texture far more than the blob."""
+    torch.manual_seed(0)
+    cfg0, cfg_lp = _cfg("scoring.sigma=0"), _cfg("scoring.sigma=0", "scoring.lowpass_sigma=2")
+    model = build_model(cfg0.model).eval()
+    plain, lp = Scorer(model, cfg0).eval(), Scorer(model, cfg_lp).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        xn = plain.normalise_input(x)
+        rec = model.unpatchify(plain.reconstruct_patches(xn), channels=3)
+        expected = (blur_channels(rec - xn, gaussian_window(2.0, 31)) ** 2).mean(1, keepdim=True)
+        assert torch.allclose(lp.raw_map(x), expected, atol=1e-6)
+    # the residual model: texture = +-1 checkerboard noise everywhere, blob = -1 over an 8x8 square
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    texture = ((yy + xx) % 2 * 2 - 1).float().expand(1, 3, 32, 32)
+    blob = torch.zeros(1, 3, 32, 32)
+    blob[..., 12:20, 12:20] = -1.0
+    w = gaussian_window(2.0, 31)
+    tex_energy = float((blur_channels(texture, w) ** 2).mean() / (texture ** 2).mean())
+    blob_energy = float((blur_channels(blob, w) ** 2)[..., 14:18, 14:18].mean())
+    assert tex_energy < 0.01 and blob_energy > 0.5
+
+
 # --- registers ---------------------------------------------------------------------------------------------------
 def test_registers_are_learned_parameters_dropped_before_decoder():
     torch.manual_seed(0)
@@ -417,6 +441,7 @@ VARIANTS = {
     "gmm": ["model.gmm_components=3", "scoring.gmm_weight=0.2"],
     "block-masks": ["train.mask_mode=mixed"],
     "stats-fusion": ["scoring.normalize=position", "scoring.stats_weight=0.5", "model.in_chans=1"],
+    "lowpass": ["scoring.lowpass_sigma=2", "scoring.ssim_weight=0.3"],
     "all": ["model.pos_embed=hybrid", "model.norm=dyt", "model.multiscale=[0,1]", "model.num_registers=2",
             "model.gmm_components=2", "scoring.gmm_weight=0.1", "scoring.ssim_weight=0.5",
             "scoring.normalize=position", "scoring.pattern=grid"],
