@@ -186,3 +186,20 @@ def test_per_image_normalisation_ignores_exposure():
     assert not torch.allclose(p1, p2, atol=1e-3)  # without it, exposure changes the map
     rec = scorer.reconstruction(brighter)
     assert rec.shape == brighter.shape and float(rec.min()) >= 0 and float(rec.max()) <= 1
+
+
+def test_every_shipped_config_validates():
+    """Each model/agent preset in configs/ passes `mae-ad validate-config` (the ablation file is a sweep space,
+    checked in test_sweep)."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from mae_ad.cli import app
+
+    files = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+                   if not p.name.startswith("ablation-"))
+    assert {"magnetic-tile.yaml", "magnetic-tile-pretrained.yaml", "base-textures.yaml"} <= {p.name for p in files}
+    for f in files:
+        r = CliRunner().invoke(app, ["validate-config", str(f)])
+        assert r.exit_code == 0 and r.output.rstrip().endswith(": OK"), (f, r.output[-300:])
