@@ -279,7 +279,7 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     if n < 2:
         raise ValueError(f"calibration needs at least 2 normal images, got {n}")
     scorer.eval()
-    stats_n = 0
+    stats_n = n_stats = 0  # held-back images spent on the statistics; images the statistics came from
     if scorer.normalize:
         if stats_images is None:
             stats_n = n // 2
@@ -288,12 +288,11 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
             stats_src = stats_images
         raw, _ = score_batches(scorer, stats_src, batch_size, raw=True)
         scorer.set_normal_stats(*normal_statistics(raw, floor_share=0.25, eps=1e-8))
-        m = stats_src.shape[0]
+        m = n_stats = int(stats_src.shape[0])
         if scorer.stats_weight > 0:
             feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:min(i + batch_size, m)]))
                                for i in range(0, m, batch_size)])
             scorer.set_cell_stats(*normal_statistics(feats, floor_share=0.1, eps=1e-6))
-    n_stats = 0 if not scorer.normalize else (stats_n if stats_images is None else int(stats_images.shape[0]))
     _, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()
     threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
