@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .bundle import load_bundle, staged_dir, write_bundle_files
-from .config import apply_overrides, config_from_dict
+from .config import Config, apply_overrides, config_from_dict
 from .contract import UserError, read_calibration
 from .data import index_dataset, load_stack, stats_training_paths
 from .scoring import Scorer, calibrate
@@ -23,6 +24,24 @@ from .scoring import Scorer, calibrate
 log = logging.getLogger(__name__)
 
 ALLOWED_PREFIXES = ("scoring.", "calibration.target_fpr", "calibration.stats_source")
+
+
+def training_stats_images(cfg: Config, train_paths: Callable[[], list[Path]]) -> torch.Tensor | None:
+    """The images position statistics are fitted on when calibration.stats_source=train (None otherwise: the
+    first half of the held-back images). `train_paths` is called only then."""
+    if cfg.calibration.stats_source != "train" or cfg.scoring.normalize != "position":
+        return None
+    return torch.from_numpy(load_stack(stats_training_paths(train_paths()), cfg.model.img_size))
+
+
+def _bundle_training_paths(data: Path, holdout: list[str]) -> list[Path]:
+    """A bundle's training images: the dataset's normal training images minus the bundle's held-back ones."""
+    held = set(holdout)
+    index = index_dataset(data)
+    paths = [p for p in index.train if str(p.relative_to(index.root)) not in held]
+    if not paths:
+        raise UserError(f"{data}: no training images besides the held-back ones (calibration.stats_source=train)")
+    return paths
 
 
 def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -46,15 +65,7 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{bundle} (with --set {overrides})")
     scorer = Scorer(model, cfg).eval()
     images = torch.from_numpy(load_stack(paths, cfg.model.img_size))
-    stats_images = None
-    if cfg.calibration.stats_source == "train" and cfg.scoring.normalize == "position":
-        # the bundle's training images: this dataset's normal training images minus its held-back ones
-        held = set(holdout)
-        index = index_dataset(data)
-        train_paths = [p for p in index.train if str(p.relative_to(index.root)) not in held]
-        if not train_paths:
-            raise UserError(f"{data}: no training images besides the held-back ones (calibration.stats_source=train)")
-        stats_images = torch.from_numpy(load_stack(stats_training_paths(train_paths), cfg.model.img_size))
+    stats_images = training_stats_images(cfg, lambda: _bundle_training_paths(data, holdout))
     cal = calibrate(scorer, images, cfg.calibration.target_fpr, batch_size=batch_size, stats_images=stats_images)
     cal["holdout_images"] = holdout
     cal["recalibrated_from"] = meta.get("model_id")

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .contract import UserError
+from .contract import UserError, staged_dir
 
 Field = np.ndarray  # float32 [S, S], roughly in [0, 1]
 
@@ -161,8 +161,6 @@ def write_corpus(root: str | Path, n: int = 3000, size: int = 160, seed: int = 0
     """Write `n` corpus images as `root/train/good/NNNNN.png` (the layout `mae-ad train` reads). The directory
     is written in a staging folder and renamed into place, so a failure leaves nothing half-written.
     Returns how many images of each family were drawn."""
-    from .contract import staged_dir
-
     if n < 2:
         raise UserError(f"--n {n}: a corpus needs at least 2 images")
     if size < 16:

@@ -288,10 +288,10 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
             stats_src = stats_images
         raw, _ = score_batches(scorer, stats_src, batch_size, raw=True)
         scorer.set_normal_stats(*normal_statistics(raw, floor_share=0.25, eps=1e-8))
-        m = n_stats = int(stats_src.shape[0])
+        n_stats = int(stats_src.shape[0])
         if scorer.stats_weight > 0:
-            feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:min(i + batch_size, m)]))
-                               for i in range(0, m, batch_size)])
+            feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:i + batch_size]))
+                               for i in range(0, n_stats, batch_size)])
             scorer.set_cell_stats(*normal_statistics(feats, floor_share=0.1, eps=1e-6))
     _, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()

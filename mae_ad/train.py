@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data as data_mod
 from .bundle import staged_dir, write_bundle_files
+from .calibrate import training_stats_images
 from .config import Config, config_from_dict
 from .contract import UserError, write_json_atomic
 from .model import MaskedAutoencoderViT, build_model, count_params
@@ -405,12 +406,9 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
         model.eval()
         scorer = Scorer(model, cfg).to(device).eval()
         hold_imgs = torch.from_numpy(data_mod.load_stack(holdout, cfg.model.img_size)).to(device)
-        stats_imgs = None
-        if cfg.calibration.stats_source == "train" and cfg.scoring.normalize == "position":
-            stats_imgs = torch.from_numpy(data_mod.load_stack(data_mod.stats_training_paths(train_paths),
-                                                              cfg.model.img_size)).to(device)
+        stats_imgs = training_stats_images(cfg, lambda: train_paths)
         calibration = calibrate(scorer, hold_imgs, cfg.calibration.target_fpr, batch_size=tc.batch_size,
-                                stats_images=stats_imgs)
+                                stats_images=None if stats_imgs is None else stats_imgs.to(device))
         calibration["holdout_images"] = [str(p.relative_to(index.root)) for p in holdout]
         training_meta = {
             "data": str(index.root), "layout": index.layout, "n_train_images": len(train_paths),
