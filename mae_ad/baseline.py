@@ -1,4 +1,12 @@
-"""A training-free baseline to report beside every model: per-position patch statistics.
+"""Training-free baselines to report beside every model.
+
+`KnnBaseline` (PatchCore-style, Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022):
+the cells of a frozen ImageNet backbone's locally aggregated features (the very tokens of a feature-space model,
+mae_ad/backbone.py) of the normal training images form a memory bank, optionally thinned by greedy k-center coreset
+subsampling (on a random projection, as PatchCore does); a test cell's anomaly is its Euclidean distance to the
+nearest memory cell; the cell map is bilinearly upsampled, Gaussian-smoothed, and its maximum is the image score.
+
+`PatchStatsBaseline`: per-position patch statistics, described below.
 
 Each image is cut into `patch` x `patch` cells; a cell is described by the mean and the standard deviation of each
 colour channel (6 numbers). Fitting stores, for every cell position, the mean and standard deviation of those
@@ -12,13 +20,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .contract import UserError
+
+if TYPE_CHECKING:
+    from .config import BackboneConfig
 from .scoring import cell_stats, gaussian_blur, gaussian_kernel1d, normal_statistics
 
 log = logging.getLogger(__name__)
@@ -71,6 +82,78 @@ class PatchStatsBaseline:
         return out, out.flatten(1).amax(dim=1)
 
 
+def greedy_coreset(features: torch.Tensor, n: int, project_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices [n] of a k-center greedy coreset of `features` [M, C] (PatchCore's subsampling): start from one
+    random point, then repeatedly add the point farthest from everything chosen so far. Distances are measured
+    on a Gaussian random projection to `project_dim` dimensions (Johnson-Lindenstrauss), as in PatchCore."""
+    m, c = features.shape
+    if n >= m:
+        return torch.arange(m)
+    g = torch.Generator().manual_seed(seed)
+    x = features.float()
+    if c > project_dim:
+        x = x @ (torch.randn(c, project_dim, generator=g) / project_dim ** 0.5)
+    chosen = torch.empty(n, dtype=torch.long)
+    chosen[0] = int(torch.randint(0, m, (1,), generator=g))
+    dist = ((x - x[chosen[0]]) ** 2).sum(dim=1)
+    for i in range(1, n):
+        chosen[i] = int(torch.argmax(dist))
+        dist = torch.minimum(dist, ((x - x[chosen[i]]) ** 2).sum(dim=1))
+    return chosen
+
+
+class KnnBaseline:
+    """fit(normal images) then score(images) -> (maps [N, 1, H, W], scores [N]). Images: float [N, 3, H, W] in
+    [0, 1] at the size the backbone was built for. `coreset_fraction` < 1 keeps that share of the memory cells
+    (greedy_coreset); distances are Euclidean in the backbone's raw (unstandardised) feature space."""
+
+    def __init__(self, backbone: BackboneConfig, size: int, coreset_fraction: float = 1.0, sigma: float = 4.0,
+                 tokenizer: torch.nn.Module | None = None):
+        from .backbone import FeatureTokenizer
+
+        if not 0 < coreset_fraction <= 1:
+            raise ValueError(f"coreset_fraction must be in (0, 1], got {coreset_fraction}")
+        if tokenizer is None:
+            tokenizer = FeatureTokenizer(backbone, size)
+            tokenizer.load_source_weights()
+        self.tokenizer = tokenizer.eval()
+        self.size = size
+        self.coreset_fraction = coreset_fraction
+        self.sigma = sigma
+        self.memory: torch.Tensor | None = None  # [M, C]
+
+    @torch.no_grad()
+    def cells(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """[N, 3, H, W] -> feature cells [N, C, g, g] (raw, before the model's standardisation)."""
+        x = torch.as_tensor(images, dtype=torch.float32)
+        return torch.cat([self.tokenizer.raw_features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+    def fit(self, images: torch.Tensor) -> KnnBaseline:
+        f = self.cells(images)
+        bank = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        n = max(1, int(round(bank.shape[0] * self.coreset_fraction)))
+        self.memory = bank[greedy_coreset(bank, n)] if n < bank.shape[0] else bank
+        log.info("kNN baseline: memory of %d cells (%d images, coreset %.0f%%), %d channels", self.memory.shape[0],
+                 len(images), 100 * self.coreset_fraction, bank.shape[1])
+        return self
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.memory is None:
+            raise RuntimeError("KnnBaseline.score called before fit")
+        maps = []
+        for i in range(0, len(images), batch_size):
+            f = self.cells(images[i:i + batch_size])
+            b, c, gh, gw = f.shape
+            d = torch.cdist(f.permute(0, 2, 3, 1).reshape(-1, c), self.memory).amin(dim=1)
+            m = F.interpolate(d.view(b, 1, gh, gw), size=images.shape[-2:], mode="bilinear", align_corners=False)
+            if self.sigma > 0:
+                m = gaussian_blur(m, gaussian_kernel1d(self.sigma, images.shape[-1] - 1))
+            maps.append(m)
+        out = torch.cat(maps)
+        return out, out.flatten(1).amax(dim=1)
+
+
 @dataclass
 class BaselineResult:
     """Scores of a dataset's test images (in the dataset index's order) and the calibrated threshold."""
@@ -86,16 +169,30 @@ class BaselineResult:
 
 def score_dataset(data: str | Path, size: int = 224, patch: int = 8, sigma: float = 4.0,
                   holdout_fraction: float = 0.2, min_holdout: int = 4, target_fpr: float = 0.01,
-                  seed: int = 0) -> BaselineResult:
+                  seed: int = 0, method: str = "patchstats", backbone: BackboneConfig | None = None,
+                  coreset_fraction: float = 1.0) -> BaselineResult:
     """Fit on the training split of train/good, threshold on the held-back normal images (the same split rule
-    as training), score every test image and compute the metrics (mae_ad.metrics)."""
+    as training), score every test image and compute the metrics (mae_ad.metrics). `method`: patchstats, or knn
+    on the features of `backbone` (default: EfficientNet-Lite0, stride-8 and -16 levels on a size/8 grid)."""
     from .data import index_dataset, load_stack, read_mask, require_train_images, split_holdout
 
-    if size % patch:
+    if method not in ("patchstats", "knn"):
+        raise UserError(f"baseline: unknown method {method!r}; choose patchstats or knn")
+    if method == "patchstats" and size % patch:
         raise UserError(f"baseline: image size {size} is not a multiple of the patch size {patch}")
     index = index_dataset(data, need_test=True)
     train_paths, hold_paths = split_holdout(require_train_images(index), holdout_fraction, min_holdout, seed)
-    base = PatchStatsBaseline(patch, sigma).fit(torch.from_numpy(load_stack(train_paths, size)))
+    base: PatchStatsBaseline | KnnBaseline
+    if method == "knn":
+        from .config import BackboneConfig
+
+        bcfg = backbone or BackboneConfig()
+        if size % bcfg.stride:
+            raise UserError(f"baseline: image size {size} is not a multiple of the backbone stride {bcfg.stride}")
+        base = KnnBaseline(bcfg, size, coreset_fraction, sigma)
+    else:
+        base = PatchStatsBaseline(patch, sigma)
+    base.fit(torch.from_numpy(load_stack(train_paths, size)))
     _, hold_scores = base.score(torch.from_numpy(load_stack(hold_paths, size)))
     threshold = float(np.quantile(hold_scores.double().numpy(), 1.0 - target_fpr, method="higher"))
     test = index.test
@@ -109,8 +206,9 @@ def score_dataset(data: str | Path, size: int = 224, patch: int = 8, sigma: floa
     result = BaselineResult(maps[:, 0].numpy(), scores.numpy(), np.array([s.label for s in test]),
                             [s.defect for s in test], gt, threshold)
     result.metrics = baseline_metrics(result)
-    log.info("patch-statistics baseline on %s: %s", data,
-             {k: v for k, v in result.metrics.items() if isinstance(v, float)})
+    result.metrics["method"] = ("kNN on pretrained features (training-free)" if method == "knn"
+                                else "patch statistics (training-free)")
+    log.info("%s baseline on %s: %s", method, data, {k: v for k, v in result.metrics.items() if isinstance(v, float)})
     return result
 
 
@@ -131,4 +229,5 @@ def baseline_metrics(result: BaselineResult) -> dict[str, Any]:
     return out
 
 
-__all__ = ["BaselineResult", "PatchStatsBaseline", "baseline_metrics", "score_dataset"]
+__all__ = ["BaselineResult", "KnnBaseline", "PatchStatsBaseline", "baseline_metrics", "greedy_coreset",
+           "score_dataset"]

@@ -110,8 +110,12 @@ def load_pretrained(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -
     dec_fits = bool(own_dec) and all(k in src and src[k].shape == own[k].shape for k in own_dec)
     if src_dec and not dec_fits:
         notes.append(f"decoder not loaded ({len(src_dec)} tensors): its architecture differs from this model's")
+    n_backbone = 0
     for key, value in src.items():
         if key.startswith(DECODER_PREFIXES) and not dec_fits:
+            continue
+        if key.startswith("backbone."):  # a feature-space base: the backbone comes from its own source weights
+            n_backbone += 1
             continue
         if key == "pos_embed":
             grid = int(round((value.shape[1] - 1) ** 0.5)) if value.ndim == 3 else 0
@@ -152,6 +156,9 @@ def load_pretrained(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -
         raise UserError(f"{p}: checkpoint does not fit this model (another architecture?): first mismatched key "
                         f"{first} ({what} it); check model.preset / depth")
 
+    if n_backbone:
+        notes.append(f"{n_backbone} backbone tensors not loaded (the backbone comes from model.backbone; its token "
+                     "standardisation is fitted on this product's images)")
     result = model.load_state_dict(loaded, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     missing = list(result.missing_keys)

@@ -210,14 +210,30 @@ def baseline(
     patch: Annotated[int, typer.Option(help="cell size of the patch statistics")] = 8,
     sigma: Annotated[float, typer.Option(help="Gaussian smoothing of the map, pixels")] = 4.0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write metrics JSON here")] = None,
+    method: Annotated[str, typer.Option(help="knn (pretrained features, PatchCore-style) or patchstats")] = "knn",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="knn: take model.backbone and "
+                                                "model.img_size from this model config")] = None,
+    coreset: Annotated[float, typer.Option(help="knn: share of memory cells kept by greedy coreset")] = 1.0,
     verbose: Verbose = False,
 ) -> None:
-    """The training-free patch-statistics baseline: image/pixel AUROC, AUPRO and F1 on a dataset's test set."""
+    """A training-free baseline (kNN on pretrained features, or patch statistics): image/pixel AUROC, AUPRO and F1
+    on a dataset's test set, with the same training/held-back split and threshold rule as `train`."""
     setup_logging(verbose)
     from .baseline import score_dataset
     from .contract import write_json_atomic
 
-    metrics = score_dataset(data, size=size, patch=patch, sigma=sigma).metrics
+    backbone = None
+    if config is not None:
+        from .config import load_config
+
+        cfg = load_config(config)
+        backbone, size = cfg.model.backbone, cfg.model.img_size
+        if method == "knn" and backbone is None:
+            raise UserError(f"{config}: model.backbone is not set; the knn baseline needs a feature backbone")
+    if out is not None and out.exists():
+        raise UserError(f"{out}: already exists; refusing to overwrite")
+    metrics = score_dataset(data, size=size, patch=patch, sigma=sigma, method=method, backbone=backbone,
+                            coreset_fraction=coreset).metrics
     if out is not None:
         write_json_atomic(out, metrics)
     typer.echo(" ".join(f"{k}={metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1")

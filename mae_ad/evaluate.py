@@ -271,13 +271,15 @@ def _write_plots(d: Path, scorer: Any, samples: list[Sample], images: np.ndarray
     return plots
 
 
-def _reconstruct(scorer: Any, images: np.ndarray) -> np.ndarray:
+def _reconstruct(scorer: Any, images: np.ndarray) -> np.ndarray | None:
+    """The K-mask reconstructions [N, 3, H, W], or None for a feature-space model (nothing to show as an image)."""
     import torch
 
-    return scorer.reconstruction(torch.from_numpy(np.ascontiguousarray(images))).cpu().numpy()
+    rec = scorer.reconstruction(torch.from_numpy(np.ascontiguousarray(images)))
+    return None if rec is None else rec.cpu().numpy()
 
 
-def _case_figure(path: Path, title: str, samples: list[Sample], images: np.ndarray, recon: np.ndarray,
+def _case_figure(path: Path, title: str, samples: list[Sample], images: np.ndarray, recon: np.ndarray | None,
                  masks: np.ndarray, has_mask: np.ndarray, maps: np.ndarray, scores: np.ndarray, threshold: float,
                  vmin: float, vmax: float) -> None:
     n = len(samples)
@@ -296,8 +298,12 @@ def _case_figure(path: Path, title: str, samples: list[Sample], images: np.ndarr
             if masks[r].any():
                 axes[r, 1].contour(masks[r].astype(float), levels=[0.5], colors="lime", linewidths=1.2)
             axes[r, 1].set_title("ground truth" + ("" if masks[r].any() else ": none (good)"), fontsize=8)
-        axes[r, 2].imshow(recon[r].transpose(1, 2, 0))
-        axes[r, 2].set_title("K-mask reconstruction", fontsize=8)
+        if recon is not None:
+            axes[r, 2].imshow(recon[r].transpose(1, 2, 0))
+            axes[r, 2].set_title("K-mask reconstruction", fontsize=8)
+        else:  # feature space: the reconstruction error itself, on its own scale
+            axes[r, 2].imshow(maps[r], cmap="jet")
+            axes[r, 2].set_title("feature reconstruction error", fontsize=8)
         axes[r, 3].imshow(img)
         im = axes[r, 3].imshow(maps[r], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax)
         if (maps[r] > threshold).any():

@@ -2,7 +2,12 @@
 
 One step per method, as in the MAE paper's reference: `patchify`, `embed`, `encode`, `decode`, `loss`.
 Shapes: B images, K masks, N = sequences in a forward pass (B for training, B*K for scoring), L patches,
-L_keep visible patches, D encoder width, Dd decoder width, P = patch_size**2 * 3 pixel values per patch.
+L_keep visible patches, D encoder width, Dd decoder width, P = patch_size**2 * C values per patch.
+
+Token space. Pixel space (the default): the MAE patchifies the normalised image [B, C, H, W], C = model.in_chans.
+Feature space (model.backbone): a frozen pretrained CNN (`backbone.FeatureTokenizer`, `self.backbone`) turns the
+image into a token image [B, C_f, H/s, W/s] of standardised feature cells, and the same MAE patchifies that
+(patch_size then counts feature cells, usually 1). Every method below takes the token image as `imgs`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import nn
 from .config import ModelConfig
 from .lora import apply_lora, configure_trainable
 from .masking import random_masking_ids, training_masking_ids
+from .backbone import FeatureTokenizer
 from .variants import DyT, GMMHead, gaussian_window, ssim_map
 
 
@@ -52,13 +58,17 @@ class MaskedAutoencoderViT(nn.Module):
         self.patch_size = p
         self.grid = cfg.grid_size
         self.num_patches = cfg.num_patches
+        self.backbone: FeatureTokenizer | None = None
+        if cfg.backbone is not None:  # built first: the token channels come from its feature levels
+            self.backbone = FeatureTokenizer(cfg.backbone, cfg.img_size)
+        self.token_chans = self.backbone.channels if self.backbone is not None else cfg.in_chans
         norm_layer: type[nn.Module] = DyT if cfg.norm == "dyt" else _LayerNorm6
         block = lambda dim, heads: Block(  # noqa: E731
             dim, heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, norm_layer=norm_layer
         )
 
         # encoder
-        self.patch_embed = PatchEmbed(cfg.img_size, p, cfg.in_chans, d)
+        self.patch_embed = PatchEmbed(cfg.token_side, p, self.token_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d, self.grid), persistent=False)
         self.blocks = nn.ModuleList([block(d, cfg.num_heads) for _ in range(cfg.depth)])
@@ -70,7 +80,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(dd, self.grid), persistent=False)
         self.decoder_blocks = nn.ModuleList([block(dd, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
         self.decoder_norm = norm_layer(dd)
-        self.decoder_pred = nn.Linear(dd, p * p * cfg.in_chans)
+        self.decoder_pred = nn.Linear(dd, p * p * self.token_chans)
 
         self._build_variants(norm_layer)
         self._init_weights()
@@ -81,6 +91,15 @@ class MaskedAutoencoderViT(nn.Module):
             for name, prm in self.named_parameters():
                 if name.startswith(self.VARIANT_PREFIXES):
                     prm.requires_grad = True
+        if self.backbone is not None:  # frozen, whatever the LoRA settings say
+            for prm in self.backbone.parameters():
+                prm.requires_grad = False
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's token image [B, C_f, H/s, W/s] of RGB images [B, 3, H, W] in [0, 1] (feature space)."""
+        if self.backbone is None:
+            raise RuntimeError("tokens() needs model.backbone (pixel-space models patchify the image itself)")
+        return self.backbone(images)
 
     # --- optional variants (docs/variants.md); nothing here exists with the default config ------------------
     VARIANT_PREFIXES = ("pos_embed_learned", "decoder_pos_embed_learned", "register_tokens", "ms_norms.",
@@ -159,7 +178,9 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
+        for name, m in self.named_modules():
+            if name.startswith("backbone"):  # pretrained, loaded separately
+                continue
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:

@@ -90,6 +90,8 @@ class Scorer(nn.Module):
         self.register_buffer("pix_std", torch.tensor(cfg.data.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.per_image = cfg.data.normalize == "per_image"
         self.gray = cfg.model.in_chans == 1
+        self.features = model.backbone is not None  # feature space: the error map is upsampled to the image
+        self.img_size = size
         self.smooth = sc.sigma > 0
         self.register_buffer("kernel", gaussian_kernel1d(sc.sigma, size - 1) if self.smooth else torch.ones(1))
         self.normalize = sc.normalize == "position"
@@ -118,6 +120,10 @@ class Scorer(nn.Module):
 
     # --- pieces ---------------------------------------------------------------------------------------------
     def normalise_input(self, image: torch.Tensor) -> torch.Tensor:
+        """RGB [B, 3, H, W] in [0, 1] -> the token image the MAE patchifies: normalised pixels, or (feature space)
+        the backbone's standardised feature cells [B, C_f, H/s, W/s]."""
+        if self.features:
+            return self.model.tokens(image)
         return normalise_images(image, self.pix_mean, self.pix_std, self.per_image, self.gray)
 
     def reconstruct_patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +173,9 @@ class Scorer(nn.Module):
         resid = m.unpatchify(pred - m.patchify(x), channels=c)  # [B, C, H, W]
         if self.lowpass:
             resid = blur_channels(resid, self.lowpass_window)
-        err = (resid * resid).mean(dim=1, keepdim=True)  # [B, 1, H, W]
+        err = (resid * resid).mean(dim=1, keepdim=True)  # [B, 1, H, W] (feature space: [B, 1, H/s, W/s])
+        if self.features:  # one value per feature cell: bilinear up to the image (ONNX Resize, linear)
+            err = F.interpolate(err, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         if self.ssim_weight > 0:
             s = ssim_map(m.unpatchify(pred, channels=c), x, self.ssim_window).mean(dim=1, keepdim=True)
             err = (1.0 - self.ssim_weight) * err + self.ssim_weight * (1.0 - s) * 0.5
@@ -212,8 +220,11 @@ class Scorer(nn.Module):
         return amap, self.reduce_map(amap)
 
     @torch.no_grad()
-    def reconstruction(self, image: torch.Tensor) -> torch.Tensor:
-        """The K-mask reconstruction as an RGB image in [0, 1] (for reports)."""
+    def reconstruction(self, image: torch.Tensor) -> torch.Tensor | None:
+        """The K-mask reconstruction as an RGB image in [0, 1] (for reports); None in feature space (a
+        reconstructed feature map has no image to show)."""
+        if self.features:
+            return None
         x = self.normalise_input(image)
         rec = self.model.unpatchify(self.reconstruct_patches(x), channels=x.shape[1])
         if self.per_image:  # undo the per-image standardisation with the input's own statistics

@@ -117,6 +117,24 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") 
     return out
 
 
+class TokenCache(torch.utils.data.Dataset):
+    """The frozen backbone's token images of every training image, computed once: item i -> [C_f, g, g]."""
+
+    def __init__(self, images: torch.utils.data.Dataset, backbone: nn.Module, device: torch.device, batch_size: int):
+        chunks = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):  # type: ignore[arg-type]
+                batch = torch.stack([torch.as_tensor(images[j]) for j in range(i, min(len(images), i + batch_size))])  # type: ignore[arg-type]
+                chunks.append(backbone(batch.to(device)).cpu())
+        self.tokens = torch.cat(chunks)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.tokens[i]
+
+
 # --- checkpoints (safetensors only: no pickle) ----------------------------------------------------------------
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, info: dict[str, Any]) -> None:
     """Model state and the optimizer's per-parameter state flattened into one safetensors file (written to a temp
@@ -238,11 +256,25 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     # 3. Model (+ local pretrained encoder), identical on every rank.
     torch.manual_seed(tc.seed)
     model: MaskedAutoencoderViT = build_model(cfg.model)
+    if model.backbone is not None and ckpt_tensors is None:  # (a resumed run has them in its checkpoint)
+        model.backbone.load_source_weights()
     if cfg.model.pretrained and ckpt_tensors is None:
         from .checkpoint import load_pretrained
 
         load_pretrained(model, cfg.model.pretrained)
     model.to(device)
+    if model.backbone is not None:
+        # Feature space: the frozen backbone's tokens are standardised per channel on the training images, and,
+        # without augmentation, computed once for the whole run (the backbone is the costliest part of a step).
+        if ckpt_tensors is None:
+            std_paths = data_mod.stats_training_paths(train_paths)
+            model.backbone.fit_standardisation(torch.from_numpy(data_mod.load_stack(std_paths, cfg.model.img_size)))
+        if not cfg.data.hflip:
+            dataset = TokenCache(dataset, model.backbone, device, tc.batch_size)
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed,
+                                         drop_last=False)
+            loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=0, drop_last=False,
+                                generator=loader_gen)
 
     # 4. Optimizer and schedule (per optimizer step).
     eff_batch = tc.batch_size * tc.accum_iter * world
@@ -313,7 +345,14 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
             ep_loss, ep_n = 0.0, 0
             n_batches = len(loader)
             for i, batch in enumerate(loader):
-                imgs = normalise_images(batch.to(device, non_blocking=True), mean, std, per_image, gray)
+                batch = batch.to(device, non_blocking=True)
+                if isinstance(dataset, TokenCache):  # feature tokens, computed once
+                    imgs = batch
+                elif model.backbone is not None:
+                    with torch.no_grad():
+                        imgs = model.tokens(batch)
+                else:
+                    imgs = normalise_images(batch, mean, std, per_image, gray)
                 last_micro = (i + 1) % tc.accum_iter == 0 or i + 1 == n_batches
                 sync = ddp.no_sync() if (distributed and not last_micro) else nullcontext()
                 with sync:
