@@ -57,6 +57,12 @@ TRT10_OPS: dict[str, OpSupport] = {
     "ReduceSum": OpSupport(FI, "`axes` must be an initializer"),
     "Pad": OpSupport(FI, "`axes` must be an initializer; modes constant, reflect, edge"),
     "TopK": OpSupport(FI, "`sorted` must be 1; `K` must be less than 3840"),
+    # the feature-space backbone (model.backbone): local aggregation, resampling to one grid, upsampling the map
+    "AveragePool": OpSupport(F, "2D or 3D pooling only; `dilations` empty or all ones"),
+    "Resize": OpSupport(F, "modes nearest/linear; transformation half_pixel, pytorch_half_pixel, "
+                           "tf_half_pixel_for_nn, asymmetric, align_corners; no antialias"),
+    "BatchNormalization": OpSupport(F), "MaxPool": OpSupport(F, "2D or 3D pooling only"),
+    "GlobalAveragePool": OpSupport(F),
     # Explicitly unsupported ones an exporter could emit
     "Unique": OpSupport("", "not supported", False), "Bernoulli": OpSupport("", "not supported", False),
     "ConcatFromSequence": OpSupport("", "not supported", False),
@@ -131,6 +137,22 @@ def _node_issues(node: Any, consts: _Constants, consumed: set[str]) -> tuple[lis
         mode = _attr(node, "mode", "constant")
         if mode not in ("constant", "reflect", "edge"):
             errors.append(f"{label}: mode {mode!r}")
+    elif op in ("AveragePool", "MaxPool"):
+        if len(_attr(node, "kernel_shape", [])) not in (2, 3):
+            errors.append(f"{label}: {len(_attr(node, 'kernel_shape', []))}-D pooling")
+        if any(d != 1 for d in _attr(node, "dilations", []) or []):
+            errors.append(f"{label}: dilations {list(_attr(node, 'dilations'))}")
+    elif op == "Resize":
+        mode = _attr(node, "mode", "nearest")
+        ctm = _attr(node, "coordinate_transformation_mode", "half_pixel")
+        if mode not in ("nearest", "linear"):
+            errors.append(f"{label}: mode {mode!r}")
+        if ctm not in ("half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"):
+            errors.append(f"{label}: coordinate_transformation_mode {ctm!r}")
+        if _attr(node, "antialias", 0):
+            errors.append(f"{label}: antialias")
+        if _attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
+            errors.append(f"{label}: keep_aspect_ratio_policy {_attr(node, 'keep_aspect_ratio_policy')!r}")
     elif op == "TopK":
         if _attr(node, "sorted", 1) != 1:
             errors.append(f"{label}: sorted=0")
