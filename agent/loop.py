@@ -183,10 +183,11 @@ class Agent:
         if command == "threshold":
             try:
                 value = parse_threshold(payload)
-                for cs in targets if value is not None else []:
+                for cs in targets:
                     ref = next(v for v in (cs.cam.threshold, self.cfg.model.threshold, self.default_threshold)
                                if v is not None)
-                    check_threshold(value, float(ref), cs.cam.name)
+                    if value is not None:
+                        check_threshold(value, float(ref), cs.cam.name)
             except ValueError as e:
                 log.warning("command: threshold %s refused: %s", camera, e)
                 return {"ok": False, "error": str(e), **self._state(targets)}

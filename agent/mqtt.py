@@ -51,7 +51,8 @@ CommandHandler = Callable[[str, str, bytes], "dict[str, Any] | None"]
 
 REMIND_S = 60.0  # an unchanged connection fault is logged again this often
 TAKEOVER_WINDOW_S = 10.0  # a connection the broker closes sooner than this after accepting it counts as short-lived
-SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason code
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason codes (paho reports its own failures with them too)
+KEEPALIVE_TIMEOUT = 141
 
 
 def default_client_id(agent_id: str) -> str:
@@ -186,7 +187,7 @@ class MqttLink:
         # paho restarts its doubling at `first` whenever the bounds are set, so set them only when they change
         if self._client is not None and self._backoff != (first, cap):
             self._backoff = (first, cap)
-            self._client.reconnect_delay_set(first, cap)
+            self._client.reconnect_delay_set(first, cap)  # type: ignore[arg-type]  # (paho takes float seconds)
 
     def _report(self, cause: str, needs_fix: bool) -> None:
         """Record a failure: the cause for /healthz; a log line when the cause changes, a reminder every REMIND_S,
@@ -250,7 +251,7 @@ class MqttLink:
                 raise UserError(f"mqtt.tls: cannot load the certificates ({e})") from None
             client.tls_insecure_set(t.insecure)
         self._backoff = (cfg.reconnect_min_s, cfg.reconnect_max_s)
-        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
         client.max_queued_messages_set(0)
         client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
@@ -350,11 +351,17 @@ class MqttLink:
         if not was:
             if not self._connack:  # the TCP/TLS connection was up, then closed without any CONNACK
                 self._short_lived = 0
-                hint = ("is this port a TLS listener? then set mqtt.tls" if self.cfg.tls is None
-                        else "is it a TLS listener for this CA and client certificate?")
+                where = f"{self.cfg.host}:{self.cfg.port}"
+                if getattr(reason_code, "value", None) == KEEPALIVE_TIMEOUT:
+                    cause = (f"no CONNACK from {where} within {self.cfg.keepalive_s} s (mqtt.keepalive_s): the port "
+                             "accepts connections but no MQTT broker answers (wrong port? a proxy in front of a "
+                             "stopped broker?)")
+                else:
+                    hint = ("is this port a TLS listener? then set mqtt.tls" if self.cfg.tls is None
+                            else "is it a TLS listener for this CA and client certificate?")
+                    cause = f"{where} closed the connection before answering CONNECT ({reason_code}; {hint})"
                 self._retry_policy(False)
-                self._report(f"{self.cfg.host}:{self.cfg.port} closed the connection before answering CONNECT "
-                             f"({reason_code}; {hint})", False)
+                self._report(cause, False)
             return  # (after a refused CONNACK the refusal is the cause to report)
         self.disconnected_since = now
         lived = now - self._connected_at

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import urllib.request
 
@@ -39,9 +40,20 @@ def other_ca(tmp_path_factory) -> str:
     return str(d / "ca.crt")
 
 
+@pytest.fixture
+def silent_listener():
+    """A port that accepts TCP connections and never says a word (a proxy in front of a stopped broker)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    yield srv.getsockname()[1]
+    srv.close()
+
+
 @pytest.mark.parametrize("case", ["unresolvable", "refused_port", "untrusted_ca", "tls_to_plain_port",
-                                  "plain_to_tls_port"])
-def test_each_connection_failure_is_named_once_in_the_log_and_in_healthz(tmp_path, broker, other_ca, caplog, case):
+                                  "plain_to_tls_port", "silent_listener"])
+def test_each_connection_failure_is_named_once_in_the_log_and_in_healthz(tmp_path, broker, other_ca, caplog, case,
+                                                                         silent_listener):
     caplog.set_level(logging.INFO)
     free = free_port()  # nothing listens there
     host, port, tls, expect = {
@@ -50,13 +62,15 @@ def test_each_connection_failure_is_named_once_in_the_log_and_in_healthz(tmp_pat
         "untrusted_ca": ("127.0.0.1", broker.ports["tls"], {"ca_file": other_ca}, "certificate"),
         "tls_to_plain_port": ("127.0.0.1", broker.port, {"ca_file": other_ca}, "TLS listener"),
         "plain_to_tls_port": ("127.0.0.1", broker.ports["tls"], None, "closed the connection before answering"),
+        "silent_listener": ("127.0.0.1", silent_listener, None, "no MQTT broker answers"),
     }[case]
+    need = 2 if case == "silent_listener" else 4  # (each silent attempt waits out keepalive_s, 5 s)
     cfg = agent_cfg(tmp_path, port, [{"name": "c", "source": str(tmp_path / "missing.avi")}],
                     mqtt={"host": host, "port": port, "tls": tls, "degraded_after_s": 1.0, **DEFAULT_RETRY},
                     health={"enabled": True, "port": 0})
     at = AgentThread(cfg).start()
     try:
-        assert wait_until(lambda: at.agent.link is not None and at.agent.link.failures >= 4, 20), case
+        assert wait_until(lambda: at.agent.link is not None and at.agent.link.failures >= need, 20), case
         health = _healthz(at)
     finally:
         at.stop()
