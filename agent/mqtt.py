@@ -9,7 +9,8 @@ Topics, all under `<prefix>/<agent_id>/` (payloads in docs/agent.md):
   <camera>/snapshot       JPEG of the camera frame, on the snapshot command
   stats                   JSON every stats_interval_s
   cmd/<camera>/<command>  commands in: pause, resume, threshold, snapshot (<camera> may be "all")
-  state/<camera>/<command> the answer to each command (JSON)
+  state/<camera>/<command> the answer to each command (JSON); a malformed command topic cmd/<levels...> is answered
+                          on state/<levels...>
 
 Connection faults: every failed attempt is classified (name not resolved, port refused, no answer, TLS handshake or
 certificate, refused CONNACK, closed before CONNACK, client id taken over by another connection) into one cause
