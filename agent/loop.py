@@ -457,6 +457,10 @@ class Agent:
                             [({}, self.spool.dropped)])
         lines += prom_lines("maead_mqtt_connected", "1 while connected to the broker", "gauge",
                             [({}, float(bool(self.link and self.link.connected)))])
+        lines += prom_lines("maead_mqtt_disconnected_seconds", "Seconds without the broker (0 while connected)",
+                            "gauge", [({}, round(self.link.disconnected_for(), 1) if self.link else 0.0)])
+        lines += prom_lines("maead_degraded", "1 while the agent reports itself degraded (see /healthz)", "gauge",
+                            [({}, float(bool(self.link and self.link.degraded)))])
         means = self.timer.mean_ms()
         lines += prom_lines("maead_stage_latency_ms", "Mean latency per frame and stage since start", "gauge",
                             [({"stage": s}, v) for s, v in means.items() if v is not None])

@@ -72,11 +72,14 @@ def test_each_connection_failure_is_named_once_in_the_log_and_in_healthz(tmp_pat
     try:
         assert wait_until(lambda: at.agent.link is not None and at.agent.link.failures >= need, 20), case
         health = _healthz(at)
+        port = at.agent.health_server.port
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         at.stop()
     assert health["mqtt_connected"] is False and expect in (health["mqtt_error"] or ""), health
     assert health["degraded"] is True and health["mqtt_disconnected_s"] >= 1.0
     assert health["ok"] is True  # the agent itself runs (and spools); degraded is the signal
+    assert "maead_degraded 1" in metrics and "maead_mqtt_connected 0" in metrics
     # rate-limited: one line for the cause however many attempts failed, and one line saying 'degraded'
     assert len(_mqtt_lines(caplog, expect)) == 2, _mqtt_lines(caplog, "MQTT")  # the failure line + degraded line
     assert len(_mqtt_lines(caplog, "agent degraded")) == 1
