@@ -203,7 +203,7 @@ class MqttLink:
             log.log(level, "MQTT %s:%d: %s; retrying", self.cfg.host, self.cfg.port, cause)
         elif now - self._last_log >= REMIND_S:
             self._last_log = now
-            log.log(level, "MQTT %s:%d: still no broker after %.0f s and %d attempt(s): %s; retrying",
+            log.log(level, "MQTT %s:%d: still not connected after %.0f s and %d failure(s): %s; retrying",
                     self.cfg.host, self.cfg.port, down, self.failures, cause)
         if not self._degraded_logged and (down >= self.cfg.degraded_after_s or self._short_lived >= 2):
             self._degraded_logged = True
