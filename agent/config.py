@@ -142,14 +142,20 @@ class MqttSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
-    client_id: str | None = None
+    client_id: str | None = Field(None, description="MQTT client id (None: mae-ad-<agent_id>-<host>-<pid>-<random>, "
+                                  "unique per running process); an explicit id is used as given")
     prefix: str = "mae-ad"
     username: str | None = None
     password_env: str | None = Field(None, description="environment variable holding the password")
     password_file: str | None = Field(None, description="file holding the password (first line)")
     keepalive_s: int = Field(30, ge=5)
-    reconnect_min_s: int = Field(1, ge=1)
-    reconnect_max_s: int = Field(30, ge=1)
+    reconnect_min_s: float = Field(0.5, gt=0, le=60, description="first retry after the broker is lost or unreachable")
+    reconnect_max_s: float = Field(1.0, gt=0, le=3600, description="cap of the retry delay while the broker cannot be "
+                                   "reached: scores flow again about this long (at most) after it returns")
+    refused_backoff_max_s: float = Field(30.0, gt=0, le=3600, description="cap of the back-off while the broker "
+                                         "answers but refuses (credentials, authorisation, TLS, client id taken over)")
+    degraded_after_s: float = Field(30.0, gt=0, le=86400, description="/healthz reports degraded (and the log says so) "
+                                    "after this long without the broker")
     tls: TlsSection | None = None
     score_interval_s: float = Field(0.0, ge=0, description="least time between two score messages (0: every frame)")
     score_qos: Literal[0, 1] = 0
@@ -165,6 +171,14 @@ class MqttSection(Section):
             raise ValueError(f"{v!r}: a topic prefix without '#', '+' and leading/trailing '/'")
         return v
 
+    @field_validator("client_id")
+    @classmethod
+    def _client_id_ok(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or len(v.encode()) > 65535 or any(ord(c) < 32 for c in v)):
+            raise ValueError(f"{v!r}: a non-empty client id without control characters (or leave it unset for a "
+                             "unique default)")
+        return v
+
     @model_validator(mode="after")
     def _secret_sources(self) -> MqttSection:
         if self.password_env and self.password_file:
@@ -173,6 +187,8 @@ class MqttSection(Section):
             raise ValueError("username: required when a password source is set")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s: must be >= reconnect_min_s")
+        if self.refused_backoff_max_s < self.reconnect_max_s:
+            raise ValueError("refused_backoff_max_s: must be >= reconnect_max_s")
         return self
 
     def password(self) -> str | None:

@@ -24,10 +24,12 @@ from mae_ad.contract import UserError
 
 from .backend import Backend, model_threshold, open_backend
 from .capture import FAILED, PAUSED, STREAMING, CameraReader, Frame
+from .commands import NO_VALUE_COMMANDS, check_no_value, check_threshold, parse_threshold
 from .config import AgentConfig, CameraSection
 from .decide import AlertTracker, iso
 from .evidence import EvidenceStore, encode_jpeg
 from .mqtt import MqttLink
+from .mqtt import preflight as mqtt_preflight
 from .preprocess import anomalous_box, box_to_frame, overlay, preprocess
 from .spool import Spool
 
@@ -122,6 +124,7 @@ class Agent:
     # --- setup ------------------------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
+        mqtt_preflight(cfg.mqtt)  # TLS files and password source named before anything starts
         if self.backend is None:
             self.backend = open_backend(cfg.model)
         b = self.backend
@@ -166,7 +169,11 @@ class Agent:
         targets = list(self.cams.values()) if camera == "all" else [self.cams[camera]] if camera in self.cams else []
         if not targets:
             return {"ok": False, "error": f"unknown camera {camera!r}; cameras: {', '.join(self.cams)}"}
-        text = payload.decode("utf-8", "replace").strip()
+        if command in NO_VALUE_COMMANDS:
+            try:
+                check_no_value(command, payload)
+            except ValueError as e:
+                return {"ok": False, "error": str(e), **self._state(targets)}
         if command == "pause" or command == "resume":
             for cs in targets:
                 cs.paused = command == "pause"
@@ -174,20 +181,16 @@ class Agent:
             log.info("command: %s %s", command, camera)
             return {"ok": True, **self._state(targets)}
         if command == "threshold":
-            value: float | None
             try:
-                v = json.loads(text) if text else None
-                if isinstance(v, dict):
-                    v = v.get("value")
-                value = None if v in (None, "reset") else float(v)
-            except (ValueError, TypeError):
-                if text == "reset":
-                    value = None
-                else:
-                    return {"ok": False, "error": f"threshold: expected a number, null or 'reset', got {text!r}",
-                            **self._state(targets)}
-            if value is not None and not np.isfinite(value):
-                return {"ok": False, "error": f"threshold: {text!r} is not finite", **self._state(targets)}
+                value = parse_threshold(payload)
+                for cs in targets:
+                    ref = next(v for v in (cs.cam.threshold, self.cfg.model.threshold, self.default_threshold)
+                               if v is not None)
+                    if value is not None:
+                        check_threshold(value, float(ref), cs.cam.name)
+            except ValueError as e:
+                log.warning("command: threshold %s refused: %s", camera, e)
+                return {"ok": False, "error": str(e), **self._state(targets)}
             for cs in targets:
                 cs.threshold_cmd = value
             log.info("command: threshold %s = %s", camera, value)
@@ -423,9 +426,8 @@ class Agent:
         statuses = {n: (PAUSED if cs.paused else cs.reader.status) for n, cs in self.cams.items()}
         all_failed = all(s == FAILED for s in statuses.values())
         ok = not stale and not all_failed and not self.stop_event.is_set()
-        return ok, {"ok": ok, "loop_stale": stale, "cameras": statuses,
-                    "mqtt_connected": bool(self.link and self.link.connected), "spool_depth": self.spool.depth,
-                    "mqtt_error": self.link.last_error if self.link else None}
+        return ok, {"ok": ok, "loop_stale": stale, "cameras": statuses, "spool_depth": self.spool.depth,
+                    **(self.link.health() if self.link else {"mqtt_connected": False, "mqtt_error": None})}
 
     def metrics_text(self) -> str:
         from .health import prom_lines
@@ -455,6 +457,10 @@ class Agent:
                             [({}, self.spool.dropped)])
         lines += prom_lines("maead_mqtt_connected", "1 while connected to the broker", "gauge",
                             [({}, float(bool(self.link and self.link.connected)))])
+        lines += prom_lines("maead_mqtt_disconnected_seconds", "Seconds without the broker (0 while connected)",
+                            "gauge", [({}, round(self.link.disconnected_for(), 1) if self.link else 0.0)])
+        lines += prom_lines("maead_degraded", "1 while the agent reports itself degraded (see /healthz)", "gauge",
+                            [({}, float(bool(self.link and self.link.degraded)))])
         means = self.timer.mean_ms()
         lines += prom_lines("maead_stage_latency_ms", "Mean latency per frame and stage since start", "gauge",
                             [({"stage": s}, v) for s, v in means.items() if v is not None])
