@@ -99,7 +99,7 @@ def url_credential_problem(url: str) -> str | None:
     bad = sorted({c for c in info.partition(":")[2] if c in "/?#[]@"})
     codes = ", ".join(f"'{c}' as %{ord(c):02X}" for c in bad) or "reserved characters"
     return (f"the password in {redact(url)} must be percent-encoded: write {codes} "
-            "(e.g. rtsp://user:pa%23ss@host/...)")
+            "(a password pa#ss/1 is written pa%23ss%2F1)")
 
 
 class Section(BaseModel):
