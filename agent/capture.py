@@ -431,6 +431,8 @@ class CameraReader:
         self._abandoned: list[threading.Thread] = []
         self._gen = 0
         self._read_started: float | None = None  # monotonic start of the read in progress (None: not reading)
+        self._open_started: float | None = None  # monotonic start of the open in progress
+        self._open_reported = False
         self._min_interval = 1.0 / cam.fps if cam.fps else 0.0
 
     # --- thread API -------------------------------------------------------------------------------------------
@@ -447,7 +449,7 @@ class CameraReader:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("camera %s: reader did not stop within %.0f s (blocked in a read)", self.name, timeout)
+                log.warning("camera %s: reader did not stop within %.0f s (blocked in a read or an open)", self.name, timeout)
 
     def restart(self, reason: str) -> None:
         """Close and reopen the source (the watchdog and the stall check call this). A read that cannot be
@@ -478,6 +480,16 @@ class CameraReader:
         blocked after a grace period starts a fresh capture in a new thread. Returns True if it acted."""
         now = time.monotonic() if now is None else now
         cfg = self.cap_cfg
+        os_ = self._open_started
+        if os_ is not None and not self._open_reported and now - os_ > cfg.open_timeout_s + 1.0:
+            self._open_reported = True  # an open that never returns (a GStreamer pipeline waiting): say so
+            hint = (" (a GStreamer element missing or waiting? try the pipeline with gst-launch-1.0)"
+                    if self.cam.resolved_kind() == "gstreamer" else "")
+            why = f"opening the source has not returned after {now - os_:.0f} s{hint}"
+            log.error("camera %s: %s", self.name, why)
+            self.stats.last_error = why
+            self._set_status(RECONNECTING, why)
+            return True
         if self._restart.is_set() and self._restart_t is not None:
             rs = self._read_started
             if rs is not None and now - self._restart_t > min(2.0, cfg.read_timeout_s):
@@ -554,9 +566,11 @@ class CameraReader:
                 self._restart.clear()
                 self._restart_t = None
             src = self.source_factory(self.cam, self.cap_cfg)
+            self._open_started, self._open_reported = time.monotonic(), False
             try:
                 src.open()
             except SourceError as e:
+                self._open_started = None
                 if not self._current(gen):
                     src.close()
                     return
@@ -571,6 +585,7 @@ class CameraReader:
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.cap_cfg.reconnect_max_s)
                 continue
+            self._open_started = None
             with self._status_lock:
                 if gen != self._gen:
                     src.close()

@@ -20,7 +20,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Watch the cameras, score every frame it can, publish scores, alerts and heatmaps over MQTT."""
         from mae_ad.cli import setup_logging
-
         from mae_ad.contract import UserError
 
         from .config import install_log_redaction, load_agent_config

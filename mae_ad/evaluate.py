@@ -21,8 +21,7 @@ import numpy as np
 from . import metrics as M
 from .config import config_from_dict, read_yaml
 from .contract import BUNDLE_CONFIG, UserError, read_bundle_meta, read_calibration, write_json_atomic
-from .data import (IMAGE_EXTS, Sample, image_shape, index_dataset, list_images, read_display_bgr, read_image,
-                   read_mask)
+from .data import IMAGE_EXTS, Sample, image_shape, index_dataset, list_images, read_display_bgr, read_image, read_mask
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 
 from mae_ad.contract import UserError
-from mae_ad.data import (decode_image, image_shape, index_dataset, read_display_bgr, read_image, read_mask,
-                         significant_bits)
+from mae_ad.data import (
+    decode_image,
+    image_shape,
+    index_dataset,
+    read_display_bgr,
+    read_image,
+    read_mask,
+    significant_bits,
+)
 
 
 def _dataset(root: Path, mask_writer, n_defect: int = 3, size: int = 48) -> list[np.ndarray]:

@@ -9,9 +9,7 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -582,3 +580,45 @@ def test_frozen_rtsp_camera_is_detected_within_read_timeout(tmp_path):
         srv.wait(10)
     assert left <= cap.read_timeout_s + 1.0, f"still streaming {left:.1f} s after the camera froze"
     assert reader.stats.stalls >= 1 and reader.stats.reconnects >= 1
+
+
+class _HangingOpen:
+    """A source whose open never returns until released (an OpenCV GStreamer pipeline with a missing element)."""
+
+    release = threading.Event()
+
+    def __init__(self, cam: Any, cap: Any):
+        pass
+
+    def open(self) -> None:
+        _HangingOpen.release.wait(30)
+
+    def read(self) -> np.ndarray:
+        time.sleep(0.02)
+        return _frame(120)
+
+    def close(self) -> None:
+        pass
+
+    def interrupt(self) -> None:
+        pass
+
+
+def test_an_open_that_never_returns_is_reported_not_silent():
+    _HangingOpen.release.clear()
+    cam = CameraSection(name="g", source="nvarguscamerasrc ! appsink", kind="gstreamer")
+    reader = CameraReader(cam, CaptureSection(open_timeout_s=0.5), threading.Event(), source_factory=_HangingOpen)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and reader.status == "starting":
+            reader.check_watchdog()
+            time.sleep(0.05)
+        assert reader.status == RECONNECTING and "has not returned" in (reader.detail or "")
+        assert "gst-launch-1.0" in reader.detail
+        _HangingOpen.release.set()
+        assert wait_until(lambda: reader.status == STREAMING, 5)  # the open returned: streaming, no reason left
+        assert reader.detail is None
+    finally:
+        _HangingOpen.release.set()
+        reader.stop()
