@@ -149,13 +149,18 @@ class OpenCvSource:
                               + (f": {why}" if why else (" (reachable; wrong path, credentials or codec?)"
                                                          if self.kind == "url" else "")))
         fps = float(self.cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        self.frame_interval = 1.0 / fps if (self.kind == "file" and self.cam.realtime and 0 < fps < 1000) else 0.0
+        self.frame_interval = 0.0
+        if self.kind == "file" and self.cam.realtime and 0 < fps < 1000:
+            self.frame_interval = 1.0 / fps  # the file's own rate (an fps cap below it skips frames, as time passes)
+        elif self.kind == "file" and not self.cam.realtime and self.cam.fps:
+            self.frame_interval = 1.0 / self.cam.fps  # a pulled source: read at the configured rate, skip nothing
         self.frame_count = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if self.kind == "file" else 0
         self._next_t = time.monotonic()
         self._last_pts = None
 
     def pace(self, stop: threading.Event) -> None:
-        """Files with realtime=True: wait until the next frame is due (the reader calls this before read())."""
+        """Files: wait until the next frame is due, at the file's rate (realtime) or at `fps` (realtime false);
+        the reader calls this before read()."""
         if self.frame_interval:
             now = time.monotonic()
             if self._next_t > now:

@@ -53,6 +53,12 @@ _depths_logged: set[int] = set()
 def decode_image(path: str | Path, what: str = "image") -> np.ndarray:
     """Decode an image file as stored on disk, EXIF orientation applied: uint8 or uint16, [H, W] (gray) or
     [H, W, 3] (BGR). Raises UserError naming the file when it is missing, empty, truncated or undecodable."""
+    return decode_image_depth(path, what)[0]
+
+
+def decode_image_depth(path: str | Path, what: str = "image") -> tuple[np.ndarray, int]:
+    """`decode_image` and the bit depth the bit-depth rule gives the pixels (8; or 10, 12, 14, 16 for 16-bit files,
+    the PNG's sBIT when it declares one)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
@@ -62,25 +68,7 @@ def decode_image(path: str | Path, what: str = "image") -> np.ndarray:
         raise UserError(f"{path}: unreadable or truncated {what}")
     if img.dtype not in (np.uint8, np.uint16):
         raise UserError(f"{path}: unsupported pixel type {img.dtype} (8- or 16-bit images only)")
-    if img.dtype == np.uint16:
-        bits = _png_sbit(data)
-        if bits is not None and bits < 16:  # declared significant bits: keep them with the array
-            img = _Sig16(img, bits)
-    return img
-
-
-class _Sig16(np.ndarray):
-    """A uint16 array that carries the significant bits its PNG declared (sBIT)."""
-
-    sbit: int
-
-    def __new__(cls, arr: np.ndarray, bits: int) -> _Sig16:
-        obj = np.asarray(arr).view(cls)
-        obj.sbit = bits
-        return obj
-
-    def __array_finalize__(self, obj: object) -> None:
-        self.sbit = getattr(obj, "sbit", 16)
+    return img, significant_bits(img, _png_sbit(data) if img.dtype == np.uint16 else None)
 
 
 def _png_sbit(data: np.ndarray) -> int | None:
@@ -101,49 +89,49 @@ def _png_sbit(data: np.ndarray) -> int | None:
     return None
 
 
-def significant_bits(img: np.ndarray) -> int:
-    """The bit depth the bit-depth rule gives `img` (8 for uint8; 10, 12, 14 or 16 for uint16)."""
+def significant_bits(img: np.ndarray, declared: int | None = None) -> int:
+    """The bit depth the bit-depth rule gives `img`: 8 for uint8; for uint16 `declared` (a PNG's sBIT) when the
+    pixels fit in it, else the smallest of 10, 12, 14, 16 that holds the largest value."""
     if img.dtype == np.uint8:
         return 8
     top = int(img.max()) if img.size else 0
-    declared = getattr(img, "sbit", None)
-    if declared is not None and top <= (1 << declared) - 1:
+    if declared is not None and 8 <= declared <= 16 and top <= (1 << declared) - 1:
         return int(declared)
     return next(b for b in _DEPTHS_16 if top <= (1 << b) - 1)
 
 
-def to_unit_float(img: np.ndarray, source: str = "image") -> np.ndarray:
-    """uint8/uint16 pixels -> float32 in [0, 1] by the bit-depth rule (module docstring)."""
-    if img.dtype == np.uint8:
-        return img.astype(np.float32) / 255.0
-    if img.dtype != np.uint16:
+def to_unit_float(img: np.ndarray, source: str = "image", bits: int | None = None) -> np.ndarray:
+    """uint8/uint16 pixels -> float32 in [0, 1], divided by 2^bits - 1 (`bits` None: by the bit-depth rule)."""
+    if img.dtype not in (np.uint8, np.uint16):
         raise UserError(f"{source}: unsupported pixel type {img.dtype}")
-    bits = significant_bits(img)
-    if bits not in _depths_logged:
+    bits = bits or significant_bits(img)
+    if img.dtype == np.uint16 and bits not in _depths_logged:
         _depths_logged.add(bits)
         log.info("16-bit images with values up to %d are read as %d-bit data (scaled by 1/%d); e.g. %s",
                  (1 << bits) - 1, bits, (1 << bits) - 1, source)
-    return np.asarray(img, dtype=np.float32) / float((1 << bits) - 1)
+    return img.astype(np.float32) / float((1 << bits) - 1)
 
 
 def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
     """Read an image as RGB float32 [3, S, S] in [0, 1] (bilinear/area resize to `size`), by the orientation and
-    bit-depth rules of `decode_image` / `to_unit_float`. Raises UserError naming the file."""
-    return to_rgb_float(decode_image(path), size, source=str(path))
+    bit-depth rules of `decode_image_depth`. Raises UserError naming the file."""
+    img, bits = decode_image_depth(path)
+    return to_rgb_float(img, size, source=str(path), bits=bits)
 
 
 def read_display_bgr(path: str | Path) -> np.ndarray:
     """The same image as `read_image` sees it (same orientation, same bit-depth scaling) as BGR uint8 [H, W, 3]
     at its own size, for overlays."""
-    img = decode_image(path)
-    u8 = np.clip(to_unit_float(img, str(path)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    img, bits = decode_image_depth(path)
+    u8 = np.clip(to_unit_float(img, str(path), bits) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return cv2.cvtColor(u8, cv2.COLOR_GRAY2BGR) if u8.ndim == 2 else u8
 
 
-def to_rgb_float(img: np.ndarray, size: int | None = None, source: str = "image", bgr: bool = True) -> np.ndarray:
+def to_rgb_float(img: np.ndarray, size: int | None = None, source: str = "image", bgr: bool = True,
+                 bits: int | None = None) -> np.ndarray:
     """Any decoded image (gray, gray+alpha, BGR, BGRA; 8 or 16 bit) -> RGB float32 [3, S, S] in [0, 1]
-    (16-bit by the bit-depth rule)."""
-    img = to_unit_float(img, source)
+    (divided by 2^bits - 1; `bits` None: by the bit-depth rule)."""
+    img = to_unit_float(img, source, bits)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     elif img.ndim == 3 and img.shape[2] == 1:

@@ -13,13 +13,12 @@ import pytest
 
 from mae_ad.contract import UserError
 from mae_ad.data import (
-    decode_image,
+    decode_image_depth,
     image_shape,
     index_dataset,
     read_display_bgr,
     read_image,
     read_mask,
-    significant_bits,
 )
 
 
@@ -177,12 +176,12 @@ def test_16_bit_files_are_scaled_by_their_bit_depth(tmp_path, caplog, monkeypatc
         got = read_image(tmp_path / name)
         assert got.max() == pytest.approx(1.0, abs=1e-6), name  # not left nearly black
         assert np.allclose(got[0], px / white, atol=1e-6), name
-        assert significant_bits(decode_image(tmp_path / name)) == {4095: 12, 1023: 10, 65535: 16}[white]
+        assert decode_image_depth(tmp_path / name)[1] == {4095: 12, 1023: 10, 65535: 16}[white]
     assert "read as 12-bit data" in caplog.text
     # a dim 12-bit image that declares its depth (PNG sBIT) keeps the 12-bit scale
     dim = (ramp * 1000).astype(np.uint16)
     (tmp_path / "dim12.png").write_bytes(_png_with_sbit(dim, 12))
-    assert significant_bits(decode_image(tmp_path / "dim12.png")) == 12
+    assert decode_image_depth(tmp_path / "dim12.png")[1] == 12
     assert read_image(tmp_path / "dim12.png").max() == pytest.approx(1000 / 4095, abs=1e-6)
     # 8-bit: / 255 as before; the display copy is the same image
     assert cv2.imwrite(str(tmp_path / "8bit.png"), (ramp * 255).astype(np.uint8))

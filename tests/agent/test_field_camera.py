@@ -238,6 +238,33 @@ def test_snapshot_url_is_requested_at_the_configured_rate(cam_server, fps, rate)
     assert reader.stats.frames >= rate * 2.0 - 2  # and it does keep polling at that rate
 
 
+def test_file_read_as_fast_as_possible_honours_fps_without_skipping(tmp_path):
+    from agent.capture import OpenCvSource
+
+    p = tmp_path / "damaged.avi"
+    _damaged_video(p)
+    order: list[int] = []
+
+    class Tap(OpenCvSource):
+        def read(self) -> np.ndarray:
+            img = super().read()
+            order.append(_frame_index(img))
+            return img
+
+    reader, _ = _reader(str(p), realtime=False, fps=20.0)
+    reader.source_factory = Tap
+    reader.start()
+    t0 = time.monotonic()
+    try:
+        assert wait_until(lambda: len(order) >= 10, 10)
+        time.sleep(1.0)
+    finally:
+        reader.stop()
+        span = time.monotonic() - t0
+    assert len(order) <= 20 * span + 2  # read at 20/s, not as fast as it decodes
+    assert order == [i for i in range(60) if i != 20][:len(order)]  # and nothing skipped but the damaged frame
+
+
 # --- item 5: a frozen camera is a lost camera; the restart is real ---------------------------------------------
 @pytest.mark.parametrize("reader_kind", ["mjpeg", "opencv"])
 def test_frozen_stream_leaves_streaming_within_read_timeout_and_reconnects(cam_server, reader_kind):
