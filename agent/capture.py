@@ -201,23 +201,39 @@ class OpenCvSource:
 
 
 def _unreachable(url: str, timeout: float = 2.0) -> str | None:
-    """A short TCP probe of a URL's host and port: why it cannot be reached ("unreachable: connection refused"), or
-    None when it answers (then the camera refused the stream itself: path, credentials, codec)."""
+    """Why FFmpeg could not open a URL, from a short probe of its host: "unreachable: host:port: Connection
+    refused"; for rtsp:// the camera's own answer to a DESCRIBE ("RTSP 401 Unauthorized (credentials wrong or
+    missing)", "RTSP 404 Not Found (wrong path)"); None when the camera answers and accepts (then: codec, transport)."""
     import socket
 
     try:
         u = urlsplit(url)
         host = u.hostname
-        port = u.port or {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}.get(u.scheme.lower())
+        scheme = u.scheme.lower()
+        port = u.port or {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}.get(scheme)
     except ValueError:
         return "unparsable URL (reserved characters in the password must be percent-encoded)"
     if not host or not port:
         return None
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if scheme != "rtsp":
+                return None
+            netloc = host if u.port is None else f"{host}:{u.port}"
+            bare = u._replace(netloc=netloc).geturl()  # no credentials on the wire in clear text
+            sock.settimeout(timeout)
+            sock.sendall(f"DESCRIBE {bare} RTSP/1.0\r\nCSeq: 1\r\nAccept: application/sdp\r\n"
+                         f"User-Agent: mae-ad-agent\r\n\r\n".encode())
+            line = sock.recv(1024).split(b"\r\n", 1)[0].decode("latin-1")
     except OSError as e:
         return f"unreachable: {host}:{port}: {e.strerror or type(e).__name__}"
+    parts = line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("RTSP/") or parts[1] == "200":
+        return None
+    code, text = parts[1], (parts[2] if len(parts) > 2 else "")
+    hint = {"401": " (credentials wrong or missing)", "403": " (credentials wrong or not allowed)",
+            "404": " (wrong path)"}.get(code, "")
+    return f"RTSP {code} {text}{hint}".strip()
 
 
 class MjpegHttpSource:

@@ -546,6 +546,17 @@ Gst.init(None)
 srv = GstRtspServer.RTSPServer(); srv.set_address("127.0.0.1"); srv.set_service(sys.argv[1])
 f = GstRtspServer.RTSPMediaFactory()
 f.set_launch("( filesrc location=%s ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 config-interval=1 )" % sys.argv[2])
+if len(sys.argv) > 3:  # USER:PASSWORD: Basic authentication required
+    user, pw = sys.argv[3].split(":", 1)
+    auth = GstRtspServer.RTSPAuth()
+    token = GstRtspServer.RTSPToken()
+    token.set_string("media.factory.role", "user")
+    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, pw), token)
+    srv.set_auth(auth)
+    perms = GstRtspServer.RTSPPermissions()
+    perms.add_role_from_structure(Gst.Structure.new_from_string(
+        "user, media.factory.access=(boolean)true, media.factory.construct=(boolean)true"))
+    f.set_permissions(perms)
 srv.get_mount_points().add_factory("/product", f)
 srv.attach(None)
 loop = GLib.MainLoop()
@@ -562,23 +573,63 @@ def _rtsp_available() -> str | None:
     return None if r.returncode == 0 else "gst-rtsp-server (python3-gi, gir1.2-gst-rtsp-server-1.0) not installed"
 
 
-@pytest.mark.slow
-def test_frozen_rtsp_camera_is_detected_within_read_timeout(tmp_path):
+@pytest.fixture(scope="module")
+def rtsp_video(tmp_path_factory) -> Path:
     why = _rtsp_available()
     if why:
         pytest.skip(why)
-    from agent.broker import free_port
     from agent.demo import write_product_video
 
-    write_product_video(tmp_path / "p.avi", n_frames=400, fps=10.0, size=96)
-    subprocess.run(["ffmpeg", "-v", "error", "-i", str(tmp_path / "p.avi"), "-c:v", "libx264", "-profile:v",
-                    "baseline", "-pix_fmt", "yuv420p", "-g", "10", "-bf", "0", str(tmp_path / "p.mp4")],
-                   check=True, timeout=120)
-    (tmp_path / "srv.py").write_text(RTSP_SERVER)
+    d = tmp_path_factory.mktemp("rtsp")
+    write_product_video(d / "p.avi", n_frames=400, fps=10.0, size=96)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(d / "p.avi"), "-c:v", "libx264", "-profile:v", "baseline",
+                    "-pix_fmt", "yuv420p", "-g", "10", "-bf", "0", str(d / "p.mp4")], check=True, timeout=120)
+    (d / "srv.py").write_text(RTSP_SERVER)
+    return d
+
+
+def _rtsp_server(d: Path, *auth: str) -> tuple[subprocess.Popen, int]:
+    from agent.broker import free_port
+
     port = free_port()
-    srv = subprocess.Popen(["/usr/bin/python3", str(tmp_path / "srv.py"), str(port), str(tmp_path / "p.mp4")],
+    srv = subprocess.Popen(["/usr/bin/python3", str(d / "srv.py"), str(port), str(d / "p.mp4"), *auth],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert srv.stdout is not None and srv.stdout.readline().strip() == "READY"
+    return srv, port
+
+
+@pytest.mark.slow
+def test_rtsp_failure_reasons_name_401_and_404(rtsp_video):
+    from agent.capture import OpenCvSource, SourceError
+
+    srv, port = _rtsp_server(rtsp_video, "viewer:RightPw1")
+    try:
+        def open_(url: str) -> None:
+            s = OpenCvSource(CameraSection(name="x", source=url), CaptureSection(open_timeout_s=3.0))
+            s.open()
+            assert s.read().ndim == 3
+            s.close()
+
+        open_(f"rtsp://viewer:RightPw1@127.0.0.1:{port}/product")  # the right credentials stream
+        for url, why in ((f"rtsp://viewer:WrongPw3@127.0.0.1:{port}/product", "RTSP 401 Unauthorized"),
+                         (f"rtsp://127.0.0.1:{port}/product", "RTSP 401 Unauthorized"),
+                         (f"rtsp://viewer:RightPw1@127.0.0.1:{port}/nope", "RTSP 40")):
+            with pytest.raises(SourceError) as e:
+                open_(url)
+            assert why in str(e.value) and "Pw" not in str(e.value)
+    finally:
+        srv.terminate()
+        srv.wait(10)
+
+
+@pytest.mark.slow
+def test_frozen_rtsp_camera_is_detected_within_read_timeout(rtsp_video):
+    srv, port = _rtsp_server(rtsp_video)
+    from agent.capture import OpenCvSource, SourceError
+
+    with pytest.raises(SourceError, match="RTSP 404 Not Found \\(wrong path\\)"):  # the status says why
+        OpenCvSource(CameraSection(name="x", source=f"rtsp://127.0.0.1:{port}/nope"),
+                     CaptureSection(open_timeout_s=3.0)).open()
     reader, cap = _reader(f"rtsp://127.0.0.1:{port}/product", capture={"read_timeout_s": 3.0, "open_timeout_s": 3.0})
     loop_stop = threading.Event()
 
