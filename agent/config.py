@@ -367,5 +367,7 @@ def _apply_overrides_with_lists(data: dict[str, Any], overrides: list[str] | Non
     return apply_overrides(out, plain)
 
 
-def dump_agent_config(cfg: AgentConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_agent_config(cfg: AgentConfig, redacted: bool = False) -> str:
+    """The config as YAML; `redacted` masks camera credentials (for printing: `mae-ad validate-config`)."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return redact(text) if redacted else text

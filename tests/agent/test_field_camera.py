@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -463,9 +464,13 @@ def test_config_errors_mask_set_values_and_ask_for_percent_encoding(tmp_path):
     with pytest.raises(UserError, match="%23") as e:
         load_agent_config(y, [f"cameras.0.source={gst}"])
     assert "G#st7" not in str(e.value)
-    # percent-encoded: accepted
+    # percent-encoded: accepted, and not printed back by validate-config
     cfg = load_agent_config(y, ["cameras.0.source=rtsp://admin:Line%233pw@127.0.0.1:8554/s"])
     assert cfg.cameras[0].source == "rtsp://admin:Line%233pw@127.0.0.1:8554/s"
+    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "validate-config", str(y), "--set",
+                        "cameras.0.source=rtsp://admin:Line%233pw@127.0.0.1:8554/s"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "rtsp://admin:***@127.0.0.1:8554/s" in r.stdout and "3pw" not in r.stdout + r.stderr
 
 
 def test_no_credential_in_logs_healthz_or_mqtt_and_status_says_why(tmp_path, broker, recorder, cam_server, caplog):
