@@ -20,12 +20,21 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Watch the cameras, score every frame it can, publish scores, alerts and heatmaps over MQTT."""
         from mae_ad.cli import setup_logging
+        from mae_ad.contract import UserError
 
-        from .config import load_agent_config
-        from .loop import Agent
+        from .config import install_log_redaction, load_agent_config
 
         setup_logging(verbose)
+        install_log_redaction()
         cfg = load_agent_config(config, set_)
+        try:
+            import cv2  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"OpenCV cannot be imported ({e}): install mae-ad[agent] (pip OpenCV), or keep the "
+                            "system/JetPack OpenCV: a venv made with --system-site-packages and mae-ad"
+                            "[agent-system-opencv] (docs/agent.md, 'Jetson')") from None
+        from .loop import Agent
+
         code = Agent(cfg).run(duration_s=duration)
         raise typer.Exit(code)
 

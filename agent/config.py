@@ -7,6 +7,7 @@ the YAML: the MQTT password comes from an environment variable (`mqtt.password_e
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -20,6 +21,85 @@ from mae_ad.contract import UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # camera names and agent ids appear in MQTT topics and folder names
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "brightness")
+
+# --- credentials: one masking function for every text that leaves the agent -------------------------------------
+# URL userinfo however it parses: everything between '://' and the last '@' of the same token (a raw '#', '/', '?'
+# or '@' in a password does not hide it); the user name before the first ':' is kept.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^\s'\"<>]*)@")
+# key=value credentials: URL query strings (?pwd=..&password=..), GStreamer properties (user-pw=..), headers.
+_SECRET_KEYS = ("password", "passwd", "pass", "pwd", "pw", "user-pw", "user_pw", "proxy-pw", "token",
+                "access_token", "auth", "authorization", "apikey", "api_key", "api-key", "secret", "key")
+_KEY_VALUE = re.compile(r"(?P<k>(?<![A-Za-z0-9_-])(?:" + "|".join(re.escape(k) for k in _SECRET_KEYS)
+                        + r")\s*=\s*)(?P<v>\"[^\"]*\"|'[^']*'|[^&\s'\";!]*)", re.I)
+MASK = "***"
+
+
+def redact(text: object) -> str:
+    """`text` with every camera/broker credential replaced by ***: URL userinfo (`rtsp://user:***@host`, also
+    when the password holds raw reserved characters), credential query keys (`pwd=***`, `password=***`,
+    `token=***`...) and GStreamer properties (`user-pw=***`), wherever they sit in the text (a log line, an error,
+    a pipeline)."""
+    s = str(text)
+
+    def _info(m: re.Match[str]) -> str:
+        info = m.group("info")
+        user, sep, _ = info.partition(":")
+        if "/" in user or "?" in user or "#" in user:  # not a user name: mask all of it
+            user, sep = "", ""
+        return f"{m.group('scheme')}{user}{sep}{MASK}@" if sep else f"{m.group('scheme')}{MASK}@"
+
+    s = _URL_USERINFO.sub(_info, s)
+    return _KEY_VALUE.sub(lambda m: m.group("k") + MASK, s)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that passes every record's final text (and traceback) through `redact`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a bad format string: leave it to the handler to report
+            return True
+        clean = redact(msg)
+        if clean != msg or record.args:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+            record.exc_info = None
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Put a RedactingFilter on every handler of `logger` (default: the root logger), once."""
+    for h in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactingFilter) for f in h.filters):
+            h.addFilter(RedactingFilter())
+
+
+def url_credential_problem(url: str) -> str | None:
+    """Why a URL's credentials cannot be parsed, or None: a raw '#', '/' or '?' in the password ends the host part
+    early (urlsplit and FFmpeg then take part of the password for the port or host). The answer carries no secret."""
+    from urllib.parse import urlsplit
+
+    m = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url)
+    if m is None:
+        return None
+    rest = url[m.end():]
+    u = urlsplit(url)
+    if "@" in u.netloc or "@" not in rest or ":" not in u.netloc:
+        return None
+    try:
+        if u.port is not None:
+            return None  # host:port, the '@' is later (in the path or query)
+    except ValueError:
+        pass  # "user:pass" read as host:port: the password holds a reserved character
+    info = rest[:rest.rfind("@")]
+    bad = sorted({c for c in info.partition(":")[2] if c in "/?#[]@"})
+    codes = ", ".join(f"'{c}' as %{ord(c):02X}" for c in bad) or "reserved characters"
+    return (f"the password in {redact(url)} must be percent-encoded: write {codes} "
+            "(a password pa#ss/1 is written pa%23ss%2F1)")
 
 
 class Section(BaseModel):
@@ -79,6 +159,16 @@ class CameraSection(Section):
             raise ValueError(f"{v!r}: use letters, digits, '_' or '-' (and not cmd/state/stats/status)")
         return v
 
+    @field_validator("source")
+    @classmethod
+    def _credentials_parse(cls, v: int | str) -> int | str:
+        if isinstance(v, str):  # the URL itself, or URLs inside a GStreamer pipeline (location=rtsp://...)
+            for token in re.findall(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"!]+", v):
+                problem = url_credential_problem(token)
+                if problem:
+                    raise ValueError(problem)
+        return v
+
     def resolved_kind(self) -> str:
         """device | file | url | gstreamer, from `kind` or guessed from `source`."""
         if self.kind != "auto":
@@ -96,11 +186,18 @@ class CameraSection(Section):
 
 class CaptureSection(Section):
     reconnect_initial_s: float = Field(0.5, gt=0, description="first reconnect delay")
-    reconnect_max_s: float = Field(10.0, gt=0, description="cap of the exponential back-off")
+    reconnect_max_s: float = Field(2.0, gt=0, description="cap of the exponential back-off (also bounds how long "
+                                   "after a camera returns the agent notices it)")
     max_attempts: int = Field(0, ge=0, description="consecutive failed opens before status 'failed' (0: never)")
-    watchdog_s: float = Field(10.0, gt=0, description="restart a source that delivered no frame for this long")
+    watchdog_s: float = Field(10.0, gt=0, description="restart a streaming source that delivered no new frame for "
+                              "this long, whatever the reason (the stall check below usually acts first)")
     open_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(5.0, gt=0, description="a read that brings no new frame within this long is a "
+                                  "stalled camera: status reconnecting, the capture is closed and reopened")
+    max_bad_frames: int = Field(25, ge=1, description="consecutive unreadable frames (damaged file frames, "
+                                "undecodable JPEGs) skipped before the source counts as failed and is reopened")
+    snapshot_fps: float = Field(5.0, gt=0, description="requests per second to a single-JPEG (snapshot) HTTP camera "
+                                "whose camera entry sets no fps")
 
     @model_validator(mode="after")
     def _order(self) -> CaptureSection:
@@ -245,21 +342,25 @@ class AgentConfig(Section):
 
 
 def agent_config_from_dict(data: dict[str, Any], source: str = "<agent config>") -> AgentConfig:
+    """Validate an agent config. Raises UserError (credentials masked) naming the source and the keys."""
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(_format_validation_error(e, source)) from None
+        raise UserError(redact(_format_validation_error(e, source))) from None
 
 
 def load_agent_config(path: str | Path, overrides: list[str] | None = None) -> AgentConfig:
     """Load and validate an agent YAML, then apply `--set section.key=value` overrides (lists by index:
     `cameras.0.threshold=0.4`). Relative paths in the file stay relative to the working directory."""
-    data = read_yaml(path)
-    source = str(path)
-    if overrides:
-        source += " (with --set " + ", ".join(overrides) + ")"
-    data = _apply_overrides_with_lists(data, overrides)
-    return agent_config_from_dict(data, source)
+    try:
+        data = read_yaml(path)
+        source = str(path)
+        if overrides:
+            source += " (with --set " + ", ".join(overrides) + ")"
+        data = _apply_overrides_with_lists(data, overrides)
+        return agent_config_from_dict(data, source)
+    except UserError as e:  # every config error echoes --set values and sources: credentials masked
+        raise UserError(redact(str(e))) from None
 
 
 def _apply_overrides_with_lists(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -282,5 +383,7 @@ def _apply_overrides_with_lists(data: dict[str, Any], overrides: list[str] | Non
     return apply_overrides(out, plain)
 
 
-def dump_agent_config(cfg: AgentConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_agent_config(cfg: AgentConfig, redacted: bool = False) -> str:
+    """The config as YAML; `redacted` masks camera credentials (for printing: `mae-ad validate-config`)."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return redact(text) if redacted else text

@@ -2,7 +2,12 @@
 
 An alert opens after `open_after` consecutive anomalous frames and closes after `close_after` consecutive normal
 ones. Its events: `start` (id, start time, first score and box), `update` (a new peak score, at most once per
-`update_interval_s`), `end` (end time, duration, peak score and its box, frames counted). Pure logic: no I/O.
+`update_interval_s`), `end` (end time, duration, peak score and its box, frames counted, `reason`).
+
+End reasons: `normal` (close_after normal frames), `camera_lost` (the camera stopped delivering: reconnecting,
+stalled or failed; the alert ends at its last scored frame, so the blind time is not counted, and the next alert
+needs open_after fresh anomalous frames), `source_ended` (a file without loop reached its end), `shutdown` (the
+agent stopped). Pure logic: no I/O.
 """
 
 from __future__ import annotations
@@ -55,11 +60,14 @@ class AlertTracker:
         self.opened = 0
         self.closed = 0
         self._pending_peak: tuple[float, int, list[int]] | None = None  # best frame of the current anomalous run
+        self.last_t: float | None = None  # wall time and frame id of the last frame fed
+        self.last_frame: int = -1
 
     def update(self, score: float, threshold: float, frame_id: int, t: float, box: list[int] | None) -> Decision:
         """Feed one scored frame (`box` in frame pixels, needed only when anomalous)."""
         anomalous = bool(score > threshold)
         d = Decision(anomalous)
+        self.last_t, self.last_frame = t, frame_id
         if anomalous:
             self.anomalous_run += 1
             self.normal_run = 0
@@ -92,6 +100,16 @@ class AlertTracker:
             if a is not None and self.normal_run >= self.close_after:
                 d.events.append(self.close(t, frame_id, "normal"))
         return d
+
+    def lose(self, reason: str = "camera_lost") -> dict[str, Any] | None:
+        """The camera stopped delivering frames: forget the anomalous/normal runs and close the open alert (if any)
+        at the last frame it scored, with `reason`. Returns the `end` event or None."""
+        self.anomalous_run = self.normal_run = 0
+        self._pending_peak = None
+        if self.alert is None:
+            return None
+        t = self.last_t if self.last_t is not None else time.time()
+        return self.close(t, self.last_frame, reason)
 
     def close(self, t: float, frame_id: int, reason: str) -> dict[str, Any]:
         """Close the open alert now (also used at shutdown with reason 'shutdown')."""

@@ -2,8 +2,11 @@
 
 One loop thread drives the engine; each camera has its own reader thread (agent.capture) that only keeps the
 newest frame; paho runs its own network thread. SIGTERM/SIGINT stop the loop: open alerts are closed (reason
-`shutdown`), the spool is flushed for up to `mqtt.shutdown_flush_s`, `offline` is published, cameras are released
-and `run()` returns 0.
+`shutdown`), every camera's retained status is set to `offline`, the spool is flushed for up to
+`mqtt.shutdown_flush_s`, `offline` is published, cameras are released and `run()` returns 0. A camera that stops
+delivering (reconnecting, stalled, failed, ended) closes its open alert at once (reason `camera_lost` or
+`source_ended`, ending at its last scored frame). Every log line, MQTT status and /healthz text is passed through
+`agent.config.redact` (credentials masked).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import numpy as np
 from mae_ad.contract import UserError
 
 from .backend import Backend, model_threshold, open_backend
-from .capture import FAILED, PAUSED, STREAMING, CameraReader, Frame
+from .capture import ENDED, FAILED, PAUSED, STREAMING, CameraReader, Frame, opencv_line
 from .commands import NO_VALUE_COMMANDS, check_no_value, check_threshold, parse_threshold
-from .config import AgentConfig, CameraSection
+from .config import AgentConfig, CameraSection, install_log_redaction, redact
 from .decide import AlertTracker, iso
 from .evidence import EvidenceStore, encode_jpeg
 from .mqtt import MqttLink
@@ -36,6 +39,7 @@ from .spool import Spool
 log = logging.getLogger(__name__)
 
 STAGES = ("capture", "preprocess", "engine", "decide", "publish")
+OFFLINE = "offline"  # a camera's retained status once the agent has stopped
 
 
 def rss_mb() -> float:
@@ -124,6 +128,8 @@ class Agent:
     # --- setup ------------------------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
+        install_log_redaction()
+        log.info("%s", opencv_line())
         mqtt_preflight(cfg.mqtt)  # TLS files and password source named before anything starts
         if self.backend is None:
             self.backend = open_backend(cfg.model)
@@ -154,10 +160,17 @@ class Agent:
         for cs in self.cams.values():
             self._publish_camera_status(cs)
 
-    def _publish_camera_status(self, cs: CameraState) -> None:
+    def _publish_camera_status(self, cs: CameraState, status: str | None = None, reason: str | None = None) -> None:
+        """<camera>/status (retained word) and <camera>/status/detail (retained JSON: status, reason, time)."""
         if self.link is not None:
-            status = PAUSED if cs.paused else cs.reader.status
+            if status is None:
+                status = PAUSED if cs.paused else cs.reader.status
+                reason = None if status in (STREAMING, PAUSED) else cs.reader.detail
+            detail = {"status": status, "reason": redact(reason) if reason else None, "time": iso(time.time()),
+                      "camera": cs.cam.name, "source": redact(cs.cam.source)}
             self.link.publish(self.link.topic(cs.cam.name, "status"), status, qos=1, retain=True)
+            self.link.publish(self.link.topic(cs.cam.name, "status", "detail"), json.dumps(detail), qos=1,
+                              retain=True)
 
     def _on_camera_status(self, camera: str, status: str, detail: str | None) -> None:
         cs = self.cams.get(camera)
@@ -258,6 +271,8 @@ class Agent:
         self._periodic(now)
         batch: list[tuple[CameraState, Frame]] = []
         for cs in self.cams.values():
+            if cs.reader.status != STREAMING:
+                self._camera_lost(cs)
             f = cs.reader.take()
             if f is None:
                 continue
@@ -354,6 +369,25 @@ class Agent:
             link.publish(link.topic(name, "heatmap"), heat_jpeg, qos=0)
         self.timer.add("publish", time.monotonic() - tp)
 
+    def _camera_lost(self, cs: CameraState) -> None:
+        """The camera is not streaming: close its open alert at its last scored frame (blind time not counted)."""
+        if cs.tracker.alert is None:
+            cs.tracker.anomalous_run = cs.tracker.normal_run = 0
+            return
+        status = cs.reader.status
+        ev = cs.tracker.lose("source_ended" if status == ENDED else "camera_lost")
+        if ev is None or self.link is None:
+            return
+        ev["model_id"] = self.model_id
+        ev["camera_status"] = status
+        if cs.reader.detail:
+            ev["camera_reason"] = redact(cs.reader.detail)
+        log.warning("camera %s: alert %s closed: camera %s (%s)", cs.cam.name, ev["id"], status,
+                    ev.get("camera_reason", "-"))
+        self.evidence.finish(ev["id"], ev)
+        self.link.publish_durable(self.link.topic(cs.cam.name, "alert"), json.dumps(ev).encode())
+        self.alert_messages += 1
+
     def _frame_bgr(self, cs: CameraState, img: np.ndarray, box: list[int] | None) -> np.ndarray:
         import cv2
 
@@ -405,7 +439,9 @@ class Agent:
             cams[name] = {"status": PAUSED if cs.paused else cs.reader.status, "fps": round(cs.reader.fps(), 2),
                           "frames": st.frames, "dropped": st.dropped, "scored": cs.scored,
                           "anomalous": cs.anomalous, "reconnects": st.reconnects,
-                          "watchdog_restarts": st.watchdog_restarts, "threshold": t, "threshold_source": src,
+                          "watchdog_restarts": st.watchdog_restarts, "stalls": st.stalls,
+                          "bad_frames": st.bad_frames, "reason": cs.reader.detail,
+                          "threshold": t, "threshold_source": src,
                           "alert_open": cs.tracker.alert.id if cs.tracker.alert else None}
         link = self.link
         return {
@@ -426,7 +462,9 @@ class Agent:
         statuses = {n: (PAUSED if cs.paused else cs.reader.status) for n, cs in self.cams.items()}
         all_failed = all(s == FAILED for s in statuses.values())
         ok = not stale and not all_failed and not self.stop_event.is_set()
-        return ok, {"ok": ok, "loop_stale": stale, "cameras": statuses, "spool_depth": self.spool.depth,
+        reasons = {n: cs.reader.detail for n, cs in self.cams.items() if cs.reader.detail}
+        return ok, {"ok": ok, "loop_stale": stale, "cameras": statuses, "camera_reasons": reasons,
+                    "spool_depth": self.spool.depth,
                     **(self.link.health() if self.link else {"mqtt_connected": False, "mqtt_error": None})}
 
     def metrics_text(self) -> str:
@@ -481,6 +519,8 @@ class Agent:
                     self.evidence.finish(ev["id"], ev)
                     self.link.publish_durable(self.link.topic(cs.cam.name, "alert"), json.dumps(ev).encode())
                     self.alert_messages += 1
+            for cs in self.cams.values():  # no retained "streaming" may outlive the agent
+                self._publish_camera_status(cs, OFFLINE, "agent stopped")
             self.link.stop()
         if self.health_server is not None:
             self.health_server.stop()

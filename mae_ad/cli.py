@@ -53,7 +53,7 @@ def validate_config(
     if kind == "agent":
         from agent.config import dump_agent_config, load_agent_config
 
-        typer.echo(dump_agent_config(load_agent_config(file, set_)))
+        typer.echo(dump_agent_config(load_agent_config(file, set_), redacted=True))
     elif kind == "model":
         typer.echo(dump_config(load_config(file, set_)))
     else:

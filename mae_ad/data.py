@@ -6,6 +6,12 @@ Layouts understood (detected from the folder names):
 - the reference repository's: `train/good`, `test/good`, `test/bad` (masks optional)
 Every image becomes RGB float32 [3, S, S] in [0, 1] (grayscale is replicated, odd sizes resized); masks become
 {0, 1} float32 [S, S] (nearest-neighbour). Unreadable files raise UserError naming the file.
+
+Every image and mask is decoded by `decode_image`, whose rules are:
+- orientation: an EXIF Orientation tag is applied (what viewers show is what is scored, drawn and masked);
+- bit depth: 8-bit / 255; a 16-bit file is scaled by the smallest of 10, 12, 14, 16 bits that holds its largest
+  value (12-bit sensor data in a 16-bit PNG/TIFF is not left nearly black);
+- masks: any non-zero pixel is defect (0/255, 0/1, label indices, 16-bit masks alike).
 """
 
 from __future__ import annotations
@@ -31,26 +37,101 @@ def list_images(folder: Path) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
-    """Read an image as RGB float32 [3, S, S] in [0, 1] (bilinear/area resize to `size`)."""
+# --- decoding: the one function every image and mask read goes through -------------------------------------------
+# Orientation rule: an EXIF Orientation tag is applied (the image is scored, drawn and masked the way every viewer
+# shows it). OpenCV applies the tag when the flags are not IMREAD_UNCHANGED, so ANYDEPTH|ANYCOLOR keeps 16-bit data
+# and still rotates (an alpha channel is dropped, as it was before).
+# Bit-depth rule: 8-bit data is divided by 255. 16-bit containers often hold 10-, 12- or 14-bit sensor data, so a
+# 16-bit image is divided by 2^b - 1 where b is the PNG's sBIT (significant bits) when the file declares it, else the
+# smallest of 10, 12, 14, 16 whose range holds the image's largest value (12-bit data with values up to 4095 ->
+# / 4095, not / 65535). Each depth chosen is logged once, so a set whose files get different depths shows it.
+_DECODE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+_DEPTHS_16 = (10, 12, 14, 16)
+_depths_logged: set[int] = set()
+
+
+def decode_image(path: str | Path, what: str = "image") -> np.ndarray:
+    """Decode an image file as stored on disk, EXIF orientation applied: uint8 or uint16, [H, W] (gray) or
+    [H, W, 3] (BGR). Raises UserError naming the file when it is missing, empty, truncated or undecodable."""
+    return decode_image_depth(path, what)[0]
+
+
+def decode_image_depth(path: str | Path, what: str = "image") -> tuple[np.ndarray, int]:
+    """`decode_image` and the bit depth the bit-depth rule gives the pixels (8; or 10, 12, 14, 16 for 16-bit files,
+    the PNG's sBIT when it declares one)."""
     path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None:
-        raise UserError(f"{path}: image not found")
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, _DECODE_FLAGS) if data.size else None
     if img is None:
-        raise UserError(f"{path}: unreadable or truncated image")
-    return to_rgb_float(img, size, source=str(path))
+        raise UserError(f"{path}: unreadable or truncated {what}")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"{path}: unsupported pixel type {img.dtype} (8- or 16-bit images only)")
+    return img, significant_bits(img, _png_sbit(data) if img.dtype == np.uint16 else None)
 
 
-def to_rgb_float(img: np.ndarray, size: int | None = None, source: str = "image", bgr: bool = True) -> np.ndarray:
-    """Any decoded image (gray, gray+alpha, BGR, BGRA; 8 or 16 bit) -> RGB float32 [3, S, S] in [0, 1]."""
-    if img.dtype == np.uint16:
-        img = (img / 257.0).astype(np.float32)
-    elif img.dtype == np.uint8:
-        img = img.astype(np.float32)
-    else:
+def _png_sbit(data: np.ndarray) -> int | None:
+    """The largest significant-bits value of a PNG's sBIT chunk, or None (not a PNG, or no sBIT before IDAT)."""
+    b = data[:4096].tobytes()
+    if not b.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    i = 8
+    while i + 8 <= len(b):
+        n = int.from_bytes(b[i:i + 4], "big")
+        kind = b[i + 4:i + 8]
+        if kind == b"sBIT":
+            vals = b[i + 8:i + 8 + n]
+            return max(vals) if vals else None
+        if kind == b"IDAT":
+            return None
+        i += 12 + n
+    return None
+
+
+def significant_bits(img: np.ndarray, declared: int | None = None) -> int:
+    """The bit depth the bit-depth rule gives `img`: 8 for uint8; for uint16 `declared` (a PNG's sBIT) when the
+    pixels fit in it, else the smallest of 10, 12, 14, 16 that holds the largest value."""
+    if img.dtype == np.uint8:
+        return 8
+    top = int(img.max()) if img.size else 0
+    if declared is not None and 8 <= declared <= 16 and top <= (1 << declared) - 1:
+        return int(declared)
+    return next(b for b in _DEPTHS_16 if top <= (1 << b) - 1)
+
+
+def to_unit_float(img: np.ndarray, source: str = "image", bits: int | None = None) -> np.ndarray:
+    """uint8/uint16 pixels -> float32 in [0, 1], divided by 2^bits - 1 (`bits` None: by the bit-depth rule)."""
+    if img.dtype not in (np.uint8, np.uint16):
         raise UserError(f"{source}: unsupported pixel type {img.dtype}")
+    bits = bits or significant_bits(img)
+    if img.dtype == np.uint16 and bits not in _depths_logged:
+        _depths_logged.add(bits)
+        log.info("16-bit images with values up to %d are read as %d-bit data (scaled by 1/%d); e.g. %s",
+                 (1 << bits) - 1, bits, (1 << bits) - 1, source)
+    return img.astype(np.float32) / float((1 << bits) - 1)
+
+
+def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Read an image as RGB float32 [3, S, S] in [0, 1] (bilinear/area resize to `size`), by the orientation and
+    bit-depth rules of `decode_image_depth`. Raises UserError naming the file."""
+    img, bits = decode_image_depth(path)
+    return to_rgb_float(img, size, source=str(path), bits=bits)
+
+
+def read_display_bgr(path: str | Path) -> np.ndarray:
+    """The same image as `read_image` sees it (same orientation, same bit-depth scaling) as BGR uint8 [H, W, 3]
+    at its own size, for overlays."""
+    img, bits = decode_image_depth(path)
+    u8 = np.clip(to_unit_float(img, str(path), bits) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(u8, cv2.COLOR_GRAY2BGR) if u8.ndim == 2 else u8
+
+
+def to_rgb_float(img: np.ndarray, size: int | None = None, source: str = "image", bgr: bool = True,
+                 bits: int | None = None) -> np.ndarray:
+    """Any decoded image (gray, gray+alpha, BGR, BGRA; 8 or 16 bit) -> RGB float32 [3, S, S] in [0, 1]
+    (divided by 2^bits - 1; `bits` None: by the bit-depth rule)."""
+    img = to_unit_float(img, source, bits)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
     elif img.ndim == 3 and img.shape[2] == 1:
@@ -66,33 +147,40 @@ def to_rgb_float(img: np.ndarray, size: int | None = None, source: str = "image"
     if size is not None and img.shape[:2] != (size, size):
         interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
         img = cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=interp)
-    return np.ascontiguousarray((img / 255.0).transpose(2, 0, 1), dtype=np.float32)
+    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
+
+
+# Mask rule: any non-zero pixel is defect (0/255, 0/1, 0/65535 and label-index masks all work; a colour mask counts
+# a pixel whose grey value is non-zero). A lossy (JPEG) mask has faint non-zero noise around its edges: it is
+# still read by the rule, with a warning naming the file.
+def mask_to_binary(m: np.ndarray, source: str = "mask") -> np.ndarray:
+    """A decoded mask (any depth, gray or colour) -> bool [H, W] by the mask rule."""
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    levels = np.unique(m)
+    if levels.size > 2 and str(source).lower().endswith((".jpg", ".jpeg")):
+        log.warning("%s: lossy JPEG mask with %d grey levels: every non-zero pixel counts as defect; save masks as "
+                    "PNG", source, levels.size)
+    return m > 0
 
 
 def read_mask(path: str | Path, size: int | None = None, expect_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a defect mask as float32 {0, 1} [S, S]. `expect_shape` (H, W) checks it matches its image."""
-    path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None:
-        raise UserError(f"{path}: mask not found")
-    m = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    if m is None:
-        raise UserError(f"{path}: unreadable or truncated mask")
+    """Read a defect mask as float32 {0, 1} [S, S] by the mask rule (any non-zero pixel is defect), nearest-neighbour
+    resized to `size`. `expect_shape` (H, W) checks it matches its image. Raises UserError naming the file when it
+    is unreadable or of the wrong size."""
+    m = mask_to_binary(decode_image(path, "mask"), str(path))
     if expect_shape is not None and m.shape[:2] != tuple(expect_shape):
         raise UserError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} but its image is "
                         f"{expect_shape[1]}x{expect_shape[0]}")
     if size is not None and m.shape[:2] != (size, size):
-        m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
-    return (m >= 128).astype(np.float32)
+        m = cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+    return m.astype(np.float32)
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file, decoding it (also proves it is readable)."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if img is None:
-        raise UserError(f"{path}: unreadable or truncated image")
-    return img.shape[:2]
+    """(H, W) of an image file as `read_image` sees it (EXIF orientation applied), decoding it (also proves it is
+    readable). Raises UserError naming the file."""
+    return decode_image(path).shape[:2]
 
 
 @dataclass(frozen=True)
@@ -116,13 +204,18 @@ class DatasetIndex:
 
 
 def _find_mask(root: Path, defect: str, img: Path) -> Path | None:
+    """The mask of a defect image: ground_truth/<defect>/<stem>_mask.<ext> or <stem>.<ext>, any image extension,
+    extension case ignored (a mask on disk is never reported missing because of its extension)."""
     gt = root / "ground_truth" / defect
     if not gt.is_dir():
         return None
-    for name in (f"{img.stem}_mask.png", f"{img.stem}.png", f"{img.stem}_mask{img.suffix}", img.name):
-        p = gt / name
-        if p.is_file():
-            return p
+    by_stem: dict[str, list[Path]] = {}
+    for p in list_images(gt):
+        by_stem.setdefault(p.stem, []).append(p)
+    for stem in (f"{img.stem}_mask", img.stem):
+        hits = sorted(by_stem.get(stem, []), key=lambda p: (p.suffix.lower() != ".png", p.name))
+        if hits:
+            return hits[0]
     return None
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from . import metrics as M
 from .config import config_from_dict, read_yaml
 from .contract import BUNDLE_CONFIG, UserError, read_bundle_meta, read_calibration, write_json_atomic
-from .data import IMAGE_EXTS, Sample, image_shape, index_dataset, list_images, read_image, read_mask
+from .data import IMAGE_EXTS, Sample, image_shape, index_dataset, list_images, read_display_bgr, read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ def _load_test_set(samples: list[Sample], size: int) -> tuple[np.ndarray, np.nda
             has_mask[i] = False
             continue
         masks[i] = read_mask(s.mask, size, expect_shape=image_shape(s.path)) > 0.5
+        if not masks[i].any():  # by the mask rule (any non-zero pixel is defect) this mask really is empty
+            log.warning("%s: mask has no defect pixel (at %d px) for defect image %s", s.mask, size, s.path)
     return images, masks, has_mask
 
 
@@ -431,10 +433,8 @@ def _unique_stem(stem: str, used: set[str]) -> str:
 
 
 def _read_display_bgr(path: Path) -> np.ndarray:
-    img = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise UserError(f"{path}: unreadable or truncated image")
-    return img
+    """The image as it was scored (same decode: EXIF orientation, bit depth), BGR uint8 at its own size."""
+    return read_display_bgr(path)
 
 
 def heatmap_u8(amap: np.ndarray, scale: float) -> np.ndarray:

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from .contract import UserError, staged_dir
-from .data import NORMAL_NAMES, image_shape, list_images
+from .data import NORMAL_NAMES, decode_image, image_shape, list_images, mask_to_binary
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +90,15 @@ def _find_mask(masks_dir: Path, stem: str, index: dict[str, list[Path]]) -> Path
 
 
 def _write_mask(src: Path, image: Path, expect: tuple[int, int], dst: Path) -> None:
-    """Check a mask against its image and write it as a 0/255 PNG (values >= 128 are defect; a 0/1 mask is
-    recognised and scaled)."""
-    data = np.fromfile(str(src), dtype=np.uint8)
-    m = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    if m is None:
-        raise UserError(f"{src}: unreadable or truncated mask (for image {image})")
+    """Check a mask against its image and write it as a 0/255 PNG, by the mask rule of mae_ad.data (any non-zero
+    pixel is defect; one decode for every image and mask)."""
+    try:
+        m = mask_to_binary(decode_image(src, "mask"), str(src))
+    except UserError as e:
+        raise UserError(f"{e} (for image {image})") from None
     if m.shape[:2] != tuple(expect):
         raise UserError(f"{src}: mask is {m.shape[1]}x{m.shape[0]} but its image {image} is {expect[1]}x{expect[0]}")
-    if m.max() == 1:
-        m = m * 255
-    out = np.where(m >= 128, 255, 0).astype(np.uint8)
+    out = np.where(m, 255, 0).astype(np.uint8)
     if not out.any():
         log.warning("%s: mask is empty (no defect pixel) for defect image %s", src, image)
     ok, buf = cv2.imencode(".png", out)

@@ -55,7 +55,7 @@ def test_alert_lifecycle_matches_defect_frames(tmp_path, broker, recorder, video
     cfg = agent_cfg(tmp_path, broker.port, [{"name": "line", "source": video["path"], "loop": False}])
     at = AgentThread(cfg).start()
     try:
-        assert wait_until(lambda: at.agent.cams["line"].reader.status == "ended", 30)
+        assert wait_until(lambda: "line" in at.agent.cams and at.agent.cams["line"].reader.status == "ended", 30)
         assert recorder.wait_for(lambda: sum(e["event"] == "end" for e in recorder.json("alert")) >= 2, 10)
     finally:
         at.stop()
