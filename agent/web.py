@@ -136,7 +136,8 @@ class LiveState:
 
     def scores_since(self, since: float) -> dict[str, list[list[float]]]:
         with self.lock:
-            return {cam: [[round(t, 3), round(s, 6), round(th, 6)] for t, s, th in h if t > since]
+            # compared as sent (ms), so a page that asks again with the last time it got gets no point twice
+            return {cam: [[round(t, 3), round(s, 6), round(th, 6)] for t, s, th in h if round(t, 3) > since]
                     for cam, h in self.history.items()}
 
     def alerts(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -177,12 +178,12 @@ def render_frame(s: Scored, with_overlay: bool = True, max_width: int = MAX_FRAM
         mask = (m > s.threshold).astype(np.uint8)
         if mask.any():
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(roi, contours, -1, (255, 255, 255), max(1, c.w // 200))
+            cv2.drawContours(bgr, contours, -1, (255, 255, 255), max(1, c.w // 200), offset=(c.x, c.y))
         cv2.rectangle(bgr, (c.x, c.y), (c.x + c.w - 1, c.y + c.h - 1), (160, 160, 160), 1)
         if s.box is not None and s.anomalous:
-            b = s.box
-            cv2.rectangle(bgr, (b[0], b[1]), (max(b[0], b[2] - 1), max(b[1], b[3] - 1)), (0, 0, 255),
-                          max(1, bgr.shape[1] // 320))
+            b, t = s.box, max(1, bgr.shape[1] // 320)
+            pad = 2 * t + 1  # around the contour, not over it
+            cv2.rectangle(bgr, (b[0] - pad, b[1] - pad), (b[2] - 1 + pad, b[3] - 1 + pad), (0, 0, 255), t)
     if bgr.shape[1] > max_width:
         h = int(round(bgr.shape[0] * max_width / bgr.shape[1]))
         bgr = cv2.resize(bgr, (max_width, h), interpolation=cv2.INTER_AREA)

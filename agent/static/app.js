@@ -14,6 +14,7 @@ let historyS = 300;
 let lastScoreT = 0;
 let serverSkew = 0;            // server clock - browser clock (s), so the chart's "now" is the agent's
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
+let windowS = Number(localStorage.getItem("mae-ad-window")) || 300;  // chart span (s), at most historyS
 
 const $ = (sel, root = document) => root.querySelector(sel);
 
@@ -130,13 +131,14 @@ function drawChart(c) {
   g.setTransform(dpr, 0, 0, dpr, 0, 0);
   g.clearRect(0, 0, w, h);
   const now = Date.now() / 1000 + serverSkew;
-  const t0 = now - historyS;
+  const span = Math.min(windowS, historyS);
+  const t0 = now - span;
   const pts = c.series.filter((p) => p[0] >= t0);
   const thr = c.threshold ?? (pts.length ? pts[pts.length - 1][2] : 1);
   let ymax = Math.max(thr * 1.5, 1e-6);
   for (const p of pts) ymax = Math.max(ymax, p[1] * 1.05);
   const L = 44, R = 8, T = 6, B = 18;
-  const X = (t) => L + (t - t0) / historyS * (w - L - R);
+  const X = (t) => L + (t - t0) / span * (w - L - R);
   const Y = (v) => T + (1 - v / ymax) * (h - T - B);
   g.font = "11px system-ui, sans-serif";
   g.strokeStyle = "#2c313a"; g.fillStyle = "#8b929c"; g.lineWidth = 1;
@@ -145,8 +147,8 @@ function drawChart(c) {
     g.beginPath(); g.moveTo(L, y); g.lineTo(w - R, y); g.stroke();
     g.fillText(v.toFixed(3), 2, y + 4);
   }
-  const step = historyS > 120 ? 60 : 10;
-  for (let s = 0; s <= historyS; s += step) {
+  const step = span > 1200 ? 600 : span > 120 ? 60 : 10;
+  for (let s = 0; s <= span; s += step) {
     const x = X(now - s);
     g.fillText(s === 0 ? "now" : `-${s >= 60 ? s / 60 + " min" : s + " s"}`, x - 14, h - 4);
   }
@@ -326,6 +328,14 @@ $("#token-form").addEventListener("submit", async (ev) => {
   renderMode();
 });
 
+const sel = $("#window");
+sel.value = String(windowS);
+if (!sel.value) { sel.value = "300"; windowS = 300; }
+sel.addEventListener("change", () => {
+  windowS = Number(sel.value);
+  localStorage.setItem("mae-ad-window", String(windowS));
+  for (const c of cams.values()) drawChart(c);
+});
 window.addEventListener("resize", () => { for (const c of cams.values()) drawChart(c); });
 pollState();
 pollScores();
