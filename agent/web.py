@@ -59,7 +59,7 @@ FPS_WINDOW_S = 5.0
 _ALERT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Scored:
     """The newest scored frame of a camera, as the loop left it (references, no copies but the map)."""
 
@@ -73,7 +73,7 @@ class Scored:
     score: float
     anomalous: bool
     box: list[int] | None  # frame pixels
-    latency_ms: dict[str, float]
+    latency_s: dict[str, float]  # per stage, seconds (the loop's own dict for this frame)
 
 
 class LiveState:
@@ -85,7 +85,6 @@ class LiveState:
         self.lock = threading.Lock()
         self.latest: dict[str, Scored] = {}
         self.history: dict[str, deque[tuple[float, float, float]]] = {}
-        self.scored_t: dict[str, deque[float]] = {}
         self.open_alerts: dict[str, dict[str, Any]] = {}
         self.closed_alerts: deque[dict[str, Any]] = deque(maxlen=alerts_kept)
         self.max_points = max_points
@@ -94,20 +93,17 @@ class LiveState:
                  amap: np.ndarray, score: float, threshold: float, box: list[int] | None,
                  latency_s: dict[str, float], events: list[dict[str, Any]]) -> None:
         """Record one scored frame (called by the loop thread; O(1) but for one copy of the model-size map)."""
-        m = np.array(amap, dtype=np.float32, copy=True).reshape(amap.shape[-2], amap.shape[-1])
-        s = Scored(frame_id, wall_time, image, colour, crop, m, float(threshold), float(score),
-                   bool(score > threshold), box, {k: round(v * 1000, 3) for k, v in latency_s.items()})
-        now = time.time()
+        m = amap.reshape(amap.shape[-2], amap.shape[-1]).copy()  # engines may reuse their output buffer
+        s = Scored(frame_id, wall_time, image, colour, crop, m, threshold, score, score > threshold, box, latency_s)
+        oldest = wall_time - self.history_s
         with self.lock:
             self.latest[camera] = s
             h = self.history.get(camera)
             if h is None:
                 h = self.history[camera] = deque(maxlen=self.max_points)
-                self.scored_t[camera] = deque(maxlen=2048)
-            h.append((wall_time, float(score), float(threshold)))
-            while h and h[0][0] < now - self.history_s:
+            h.append((wall_time, score, threshold))
+            while h[0][0] < oldest:
                 h.popleft()
-            self.scored_t[camera].append(time.monotonic())
             for ev in events:
                 self._on_alert(ev)
 
@@ -124,21 +120,20 @@ class LiveState:
             row.update(end=None, open=True)
             self.open_alerts[ev["id"]] = row
 
-    def scored_fps(self, camera: str) -> float:
-        ts = self.scored_t.get(camera)
-        if not ts:
-            return 0.0
-        now = time.monotonic()
-        recent = [t for t in list(ts) if t >= now - FPS_WINDOW_S]
-        if len(recent) < 2:
-            return 0.0
-        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-6)
-
     def scores_since(self, since: float) -> dict[str, list[list[float]]]:
+        """Points newer than `since` (compared as sent, in ms, so asking again with the last time received gets no
+        point twice). Walks back from the newest point: the cost is the number of new points."""
+        out: dict[str, list[list[float]]] = {}
         with self.lock:
-            # compared as sent (ms), so a page that asks again with the last time it got gets no point twice
-            return {cam: [[round(t, 3), round(s, 6), round(th, 6)] for t, s, th in h if round(t, 3) > since]
-                    for cam, h in self.history.items()}
+            for cam, h in self.history.items():
+                pts = []
+                for t, s, th in reversed(h):
+                    if round(t, 3) <= since:
+                        break
+                    pts.append([round(t, 3), round(s, 6), round(th, 6)])
+                pts.reverse()
+                out[cam] = pts
+        return out
 
     def alerts(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         with self.lock:
@@ -155,10 +150,15 @@ class LiveState:
 def render_frame(s: Scored, with_overlay: bool = True, max_width: int = MAX_FRAME_WIDTH) -> np.ndarray:
     """The camera frame as BGR uint8 with, inside the model's region, the heatmap (scaled so the threshold sits
     mid-scale, blended where the map is above a quarter of the threshold), the threshold contour (white) and the
-    alert box (red); the region itself is outlined in grey. Scaled to at most `max_width` pixels wide."""
+    alert box (red); the region itself is outlined in grey. Scaled to at most `max_width` pixels wide (first, so the
+    overlay is drawn at the size that is sent)."""
     import cv2
 
     img = s.image
+    fh, fw = img.shape[0], img.shape[1]
+    f = min(1.0, max_width / fw)
+    if f < 1.0:
+        img = cv2.resize(img, (max_width, max(1, int(round(fh * f)))), interpolation=cv2.INTER_LINEAR)
     if img.ndim == 2 or img.shape[2] == 1:
         bgr = cv2.cvtColor(img.reshape(img.shape[0], img.shape[1]), cv2.COLOR_GRAY2BGR)
     elif img.shape[2] == 4:
@@ -166,27 +166,32 @@ def render_frame(s: Scored, with_overlay: bool = True, max_width: int = MAX_FRAM
     elif s.colour == "rgb":
         bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     else:
-        bgr = img.copy()
-    if with_overlay:
-        c = s.crop
-        roi = bgr[c.y:c.y + c.h, c.x:c.x + c.w]
-        m = cv2.resize(s.amap, (c.w, c.h), interpolation=cv2.INTER_LINEAR)
-        thr = s.threshold if s.threshold > 0 else float(m.max() or 1.0)
-        heat = cv2.applyColorMap(np.clip(m / (2.0 * thr) * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-        alpha = np.clip((m / thr - 0.25) / 0.75, 0.0, 1.0)[..., None] * 0.6
-        roi[:] = (roi * (1.0 - alpha) + heat * alpha).astype(np.uint8)
-        mask = (m > s.threshold).astype(np.uint8)
-        if mask.any():
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(bgr, contours, -1, (255, 255, 255), max(1, c.w // 200), offset=(c.x, c.y))
-        cv2.rectangle(bgr, (c.x, c.y), (c.x + c.w - 1, c.y + c.h - 1), (160, 160, 160), 1)
-        if s.box is not None and s.anomalous:
-            b, t = s.box, max(1, bgr.shape[1] // 320)
-            pad = 2 * t + 1  # around the contour, not over it
-            cv2.rectangle(bgr, (b[0] - pad, b[1] - pad), (b[2] - 1 + pad, b[3] - 1 + pad), (0, 0, 255), t)
-    if bgr.shape[1] > max_width:
-        h = int(round(bgr.shape[0] * max_width / bgr.shape[1]))
-        bgr = cv2.resize(bgr, (max_width, h), interpolation=cv2.INTER_AREA)
+        bgr = img.copy() if f == 1.0 else img
+    if not with_overlay:
+        return bgr
+    c = s.crop
+    x0, y0 = int(c.x * f), int(c.y * f)
+    w = max(1, min(bgr.shape[1] - x0, int(round(c.w * f))))
+    h = max(1, min(bgr.shape[0] - y0, int(round(c.h * f))))
+    roi = bgr[y0:y0 + h, x0:x0 + w]
+    thr = s.threshold if s.threshold > 0 else float(s.amap.max() or 1.0)
+    # colours and weights at the map's size (small), then scaled up by OpenCV (which releases the GIL)
+    heat = cv2.applyColorMap(np.clip(s.amap * (127.5 / thr), 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    alpha = np.clip((s.amap * (1.0 / thr) - 0.25) * (0.6 / 0.75), 0.0, 0.6).astype(np.float32)
+    heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+    alpha = cv2.resize(alpha, (w, h), interpolation=cv2.INTER_LINEAR)
+    roi[:] = cv2.blendLinear(roi, heat, 1.0 - alpha, alpha)
+    m = cv2.resize(s.amap, (w, h), interpolation=cv2.INTER_LINEAR)
+    _, mask = cv2.threshold(m, s.threshold, 1, cv2.THRESH_BINARY)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if contours:
+        cv2.drawContours(bgr, contours, -1, (255, 255, 255), max(1, w // 200), offset=(x0, y0))
+    cv2.rectangle(bgr, (x0, y0), (x0 + w - 1, y0 + h - 1), (160, 160, 160), 1)
+    if s.box is not None and s.anomalous:
+        b = [int(round(v * f)) for v in s.box]
+        t = max(1, bgr.shape[1] // 320)
+        pad = 2 * t + 1  # around the contour, not over it
+        cv2.rectangle(bgr, (b[0] - pad, b[1] - pad), (b[2] - 1 + pad, b[3] - 1 + pad), (0, 0, 255), t)
     return bgr
 
 
@@ -214,6 +219,10 @@ class WebView:
         self._cache_lock = threading.Lock()
         self.requests = 0
         self.encodes = 0
+        self._scored_samples: dict[str, deque[tuple[float, int]]] = {}
+        self.serve_cpu_s = 0.0  # CPU time of the HTTP threads inside the handlers (thread_time)
+        self.hook_s = 0.0  # wall time of the loop's hook (on_frame)
+        self.hook_calls = 0
         self.server = ThreadingHTTPServer((cfg.host, cfg.port), self._handler())
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
@@ -238,8 +247,11 @@ class WebView:
     # --- the loop's hook ---------------------------------------------------------------------------------------
     def on_frame(self, cs: Any, f: Any, crop: Any, amap: np.ndarray, score: float, threshold: float,
                  box: list[int] | None, latency_s: dict[str, float], events: list[dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
         self.state.on_frame(cs.cam.name, f.frame_id, f.wall_time, f.image, cs.cam.colour, crop, amap, score,
                             threshold, box, latency_s, events)
+        self.hook_s += time.perf_counter() - t0
+        self.hook_calls += 1
 
     # --- answers -----------------------------------------------------------------------------------------------
     def state_json(self) -> dict[str, Any]:
@@ -252,12 +264,12 @@ class WebView:
             cams[name] = {
                 "status": "paused" if cs.paused else cs.reader.status,
                 "paused": bool(cs.paused),
-                "fps_read": round(cs.reader.fps(), 2), "fps_scored": round(self.state.scored_fps(name), 2),
+                "fps_read": round(cs.reader.fps(), 2), "fps_scored": self._scored_fps(name, cs.scored),
                 "frames": st.frames, "dropped": st.dropped, "scored": cs.scored, "anomalous": cs.anomalous,
                 "reconnects": st.reconnects, "threshold": thr, "threshold_source": src,
                 "frame_id": s.frame_id if s else None, "frame_time": iso(s.wall_time) if s else None,
                 "score": round(s.score, 6) if s else None, "is_anomalous": s.anomalous if s else False,
-                "latency_ms": s.latency_ms if s else {},
+                "latency_ms": {k: round(v * 1000, 3) for k, v in s.latency_s.items()} if s else {},
                 "alert_open": cs.tracker.alert.id if cs.tracker.alert else None,
             }
         open_a, closed_a = self.state.alerts()
@@ -274,11 +286,26 @@ class WebView:
             "default_threshold": a.default_threshold,
             "uptime_s": round(time.monotonic() - a.t_start, 1),
             "frames_scored": a.frames_scored, "alerts_raised": a.alerts_raised,
+            "web": {"requests": self.requests, "jpeg_encodes": self.encodes,
+                    "serve_cpu_s": round(self.serve_cpu_s, 4), "hook_calls": self.hook_calls,
+                    "hook_us_mean": round(1e6 * self.hook_s / self.hook_calls, 2) if self.hook_calls else None},
         }
         return {"time": time.time(), "actions": self._token is not None, "cameras": cams,
                 "alerts": {"open": [self._alert_row(r) for r in open_a],
                            "recent": [self._alert_row(r) for r in closed_a]},
                 "health": health, "history_s": self.cfg.history_s}
+
+    def _scored_fps(self, camera: str, scored: int) -> float | None:
+        """Frames scored per second over the last ~FPS_WINDOW_S s, from the camera's counter as seen by the state
+        requests (None until two requests a moment apart have seen it). Costs the loop nothing."""
+        now = time.monotonic()
+        with self._cache_lock:
+            q = self._scored_samples.setdefault(camera, deque(maxlen=64))
+            q.append((now, scored))
+            while len(q) > 2 and q[1][0] <= now - FPS_WINDOW_S:
+                q.popleft()
+            t0, n0 = q[0]
+        return round((scored - n0) / (now - t0), 2) if now - t0 >= 0.2 else None
 
     @staticmethod
     def _alert_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -357,25 +384,34 @@ class WebView:
             return 202, {"ok": True, "queued": True, "camera": camera, "action": action}
         return (200 if reply.get("ok") else 400), reply
 
+    def _count(self, cpu_s: float) -> None:
+        with self._cache_lock:
+            self.requests += 1
+            self.serve_cpu_s += cpu_s
+
     # --- HTTP --------------------------------------------------------------------------------------------------
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         view = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "mae-ad-live"
+            protocol_version = "HTTP/1.1"  # keep-alive: one thread per page connection, not per request
+            timeout = 60  # seconds an idle connection keeps its thread
 
             def do_GET(self) -> None:  # noqa: N802 - http.server naming
-                view.requests += 1
+                t0 = time.thread_time()
                 try:
                     self._get()
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 except Exception as e:  # never kill the server thread
-                    log.exception("live view: GET %s failed", self.path)
+                    log.exception("live view: GET %s failed", urlsplit(self.path).path)
                     self._send(500, f"{type(e).__name__}\n".encode(), "text/plain")
+                finally:
+                    view._count(time.thread_time() - t0)
 
             def do_POST(self) -> None:  # noqa: N802
-                view.requests += 1
+                t0 = time.thread_time()
                 try:
                     self._post()
                 except (BrokenPipeError, ConnectionResetError):
@@ -383,6 +419,8 @@ class WebView:
                 except Exception as e:
                     log.exception("live view: POST %s failed", urlsplit(self.path).path)
                     self._json(500, {"ok": False, "error": type(e).__name__})
+                finally:
+                    view._count(time.thread_time() - t0)
 
             def _get(self) -> None:
                 u = urlsplit(self.path)
@@ -429,8 +467,10 @@ class WebView:
             def _post(self) -> None:
                 path = urlsplit(self.path).path
                 n = int(self.headers.get("Content-Length") or 0)
-                if n:
-                    self.rfile.read(min(n, 65536))
+                if n > 65536:  # actions carry no body; do not read a big one, and do not reuse the connection
+                    self.close_connection = True
+                elif n:
+                    self.rfile.read(n)
                 code = view.authorise(self.headers.get("Authorization"))
                 if path == "/api/token":
                     if code == 200:

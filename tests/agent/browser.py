@@ -106,6 +106,21 @@ class Browser:
                 pass
         return total / 2**20
 
+    def cpu_s(self) -> float:
+        """CPU time (user + system) of the whole browser so far, seconds."""
+        import psutil
+
+        procs = [psutil.Process(self.proc.pid)]
+        procs += procs[0].children(recursive=True)
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+        return total
+
     def close(self) -> None:
         try:
             if getattr(self, "ws", None) is not None:

@@ -331,3 +331,33 @@ def test_page_in_headless_chromium(tmp_path, monkeypatch, broker, long_video):
         if browser is not None:
             browser.close()
         assert at.stop() == 0
+
+
+@pytest.mark.broker
+def test_agent_demo_prints_the_page_address_while_it_runs(tmp_path):
+    """`make demo` / `mae-ad agent-demo` open nothing but print the live view's address while the agent runs."""
+    import io
+    import threading
+
+    from agent.broker import mosquitto_path
+    from agent.demo import run_agent_demo
+
+    if mosquitto_path() is None:
+        pytest.skip("mosquitto is not installed")
+
+    class Lines(io.StringIO):
+        pass
+
+    out = Lines()
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(run_agent_demo(
+        None, tmp_path / "demo", seconds=6.0, broker="mosquitto", stream=out, video_frames=40)), daemon=True)
+    t.start()
+    assert wait_until(lambda: "live view: http://127.0.0.1:" in out.getvalue(), 20), out.getvalue()
+    line = next(ln for ln in out.getvalue().splitlines() if ln.startswith("live view: "))
+    url = line.split()[2]
+    code, body, _ = _req(url)  # the agent is still running: the page answers
+    assert code == 200 and b"mae-ad live view" in body
+    assert json.loads(_req(url + "api/state")[1])["actions"] is False  # the demo's page is read-only
+    t.join(60)
+    assert not t.is_alive() and result["live_view"] == url
