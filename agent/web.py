@@ -45,6 +45,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from mae_ad.contract import UserError
+
 from .config import WebSection
 from .decide import iso
 
@@ -177,9 +179,9 @@ def render_frame(s: Scored, with_overlay: bool = True, max_width: int = MAX_FRAM
     thr = s.threshold if s.threshold > 0 else float(s.amap.max() or 1.0)
     # colours and weights at the map's size (small), then scaled up by OpenCV (which releases the GIL)
     heat = cv2.applyColorMap(np.clip(s.amap * (127.5 / thr), 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-    alpha = np.clip((s.amap * (1.0 / thr) - 0.25) * (0.6 / 0.75), 0.0, 0.6).astype(np.float32)
+    weight = np.clip((s.amap * (1.0 / thr) - 0.25) * (0.6 / 0.75), 0.0, 0.6).astype(np.float32)
     heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
-    alpha = cv2.resize(alpha, (w, h), interpolation=cv2.INTER_LINEAR)
+    alpha = cv2.resize(weight, (w, h), interpolation=cv2.INTER_LINEAR)
     roi[:] = cv2.blendLinear(roi, heat, 1.0 - alpha, alpha)
     m = cv2.resize(s.amap, (w, h), interpolation=cv2.INTER_LINEAR)
     _, mask = cv2.threshold(m, s.threshold, 1, cv2.THRESH_BINARY)
@@ -206,7 +208,7 @@ class WebView:
 
     `agent` is an `agent.loop.Agent`; read here: cams (cam, reader, paused), threshold_of, link, spool, backend,
     model_id, t_start, frames_scored, alerts_raised, health(), _on_command. Raises UserError when the token source
-    is missing, OSError when the port cannot be bound.
+    is missing or the port cannot be bound.
     """
 
     def __init__(self, agent: Any, cfg: WebSection):
@@ -223,7 +225,10 @@ class WebView:
         self.serve_cpu_s = 0.0  # CPU time of the HTTP threads inside the handlers (thread_time)
         self.hook_s = 0.0  # wall time of the loop's hook (on_frame)
         self.hook_calls = 0
-        self.server = ThreadingHTTPServer((cfg.host, cfg.port), self._handler())
+        try:
+            self.server = ThreadingHTTPServer((cfg.host, cfg.port), self._handler())
+        except OSError as e:
+            raise UserError(f"web.port: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, name="web", daemon=True)
@@ -531,7 +536,7 @@ def _static_file(name: str) -> bytes | None:
     """A file of agent/static/ by plain name (no folders, known suffixes only), or None."""
     if "/" in name or "\\" in name or name.startswith(".") or Path(name).suffix not in STATIC_TYPES:
         return None
-    ref = resources.files("agent").joinpath("static", name)
+    ref = resources.files("agent").joinpath("static").joinpath(name)
     try:
         return ref.read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):

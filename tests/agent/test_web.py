@@ -361,3 +361,24 @@ def test_agent_demo_prints_the_page_address_while_it_runs(tmp_path):
     assert json.loads(_req(url + "api/state")[1])["actions"] is False  # the demo's page is read-only
     t.join(60)
     assert not t.is_alive() and result["live_view"] == url
+
+
+def test_port_in_use_and_missing_token_are_clear_errors(tmp_path, monkeypatch):
+    import socket
+
+    from agent.loop import Agent
+    from mae_ad.contract import UserError
+
+    cams = [{"name": "c", "source": str(tmp_path / "none.avi")}]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        cfg = agent_cfg(tmp_path, _no_broker_port(), cams, web={"enabled": True, "port": port})
+        with pytest.raises(UserError, match=f"web.port: cannot listen on 127.0.0.1:{port}"):
+            Agent(cfg).run(duration_s=1, install_signals=False)
+    monkeypatch.delenv("MAEAD_NO_SUCH_TOKEN", raising=False)
+    cfg = agent_cfg(tmp_path, _no_broker_port(), cams, web={"enabled": True, "port": 0,
+                                                             "token_env": "MAEAD_NO_SUCH_TOKEN"})
+    with pytest.raises(UserError, match="web.token_env: environment variable MAEAD_NO_SUCH_TOKEN is not set"):
+        Agent(cfg).run(duration_s=1, install_signals=False)
