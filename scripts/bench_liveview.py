@@ -26,6 +26,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +42,45 @@ def web_stats(web_port: int) -> dict:
     return state["health"]["web"]
 
 
+def replay(base: str) -> None:
+    """What app.js asks for, as a separate light process (`--replay`): /api/state twice a second, /api/scores once a
+    second since the last point, and the newest frame at most 5 times a second with ?after=<id> (204 when unchanged).
+    One keep-alive connection per request kind, as a browser keeps them."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    conns = {k: http.client.HTTPConnection(u.hostname, u.port, timeout=10) for k in ("state", "scores", "frame")}
+
+    def get(kind: str, path: str) -> tuple[int, bytes, Any]:
+        c = conns[kind]
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read(), r
+
+    state = json.loads(get("state", "/api/state")[1])
+    cams = list(state["cameras"])
+    last_t, last_id = 0.0, {c: None for c in cams}
+    next_state = next_scores = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now >= next_state:
+            get("state", "/api/state")
+            next_state = now + 0.5
+        if now >= next_scores:
+            d = json.loads(get("scores", f"/api/scores?since={last_t}")[1])
+            for pts in d["cameras"].values():
+                if pts:
+                    last_t = max(last_t, pts[-1][0])
+            next_scores = now + 1.0
+        for c in cams:
+            after = "" if last_id[c] is None else f"&after={last_id[c]}"
+            code, _, r = get("frame", f"/api/frame/{c}.jpg?overlay=1{after}")
+            if code == 200:
+                last_id[c] = r.getheader("X-Frame-Id")
+        time.sleep(max(0.0, 0.2 - (time.monotonic() - now)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=".onnx / .plan / bundle (default: the brightness engine)")
@@ -50,8 +90,15 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=320, help="video frame size (px)")
     ap.add_argument("--realtime", action="store_true", help="play the video at 25 fps instead of as fast as read")
     ap.add_argument("--pin", action="store_true", help="pin the agent to CPU 0 and the browser to the others")
+    ap.add_argument("--client", choices=("chromium", "replay"), default="chromium",
+                    help="the page: headless Chromium on this machine, or a light process replaying its requests "
+                         "(as a browser on another machine would cost this one nothing)")
+    ap.add_argument("--replay", default=None, help=argparse.SUPPRESS)  # internal: be the replay client
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.replay:
+        replay(args.replay)
+        return 0
 
     import psutil
 
@@ -100,6 +147,7 @@ def main() -> int:
                     raise RuntimeError(f"agent did not start; see {work / 'agent.log'}") from None
                 time.sleep(0.2)
         browser = Browser()
+        replayer = None
         if pin:
             bp = psutil.Process(browser.proc.pid)
             for p in [bp, *bp.children(recursive=True)]:
@@ -108,7 +156,12 @@ def main() -> int:
         rss_before = proc.memory_info().rss / 2**20
         for r in range(args.rounds):
             for mode in ("none", "page"):
-                browser.goto(f"http://127.0.0.1:{web_port}/" if mode == "page" else "about:blank")
+                if args.client == "chromium":
+                    browser.goto(f"http://127.0.0.1:{web_port}/" if mode == "page" else "about:blank")
+                elif mode == "page":
+                    replayer = subprocess.Popen([sys.executable, __file__, "--replay", f"http://127.0.0.1:{web_port}/"])
+                    if pin:
+                        psutil.Process(replayer.pid).cpu_affinity(list(range(1, ncpu)))
                 if pin:  # chromium starts renderer processes per page
                     bp = psutil.Process(browser.proc.pid)
                     for p in bp.children(recursive=True):
@@ -123,12 +176,18 @@ def main() -> int:
                 n1, t1, b1, a1 = scored_total(health_port), time.monotonic(), browser.cpu_s(), proc.cpu_times()
                 w1 = web_stats(web_port)
                 loads = browser.evaluate("Number(document.querySelector('img.live')?.dataset.loads || 0)") \
-                    if mode == "page" else 0
+                    if mode == "page" and args.client == "chromium" else None
+                if replayer is not None:
+                    replayer.terminate()
+                    replayer.wait(10)
+                    replayer = None
                 phases.append({"round": r, "mode": mode, "fps": (n1 - n0) / (t1 - t0),
                                "requests": w1["requests"] - w0["requests"] - 1,
                                "serve_cpu_ms_per_s": 1000 * (w1["serve_cpu_s"] - w0["serve_cpu_s"]) / (t1 - t0),
                                "hook_us_mean": w1["hook_us_mean"],
                                "agent_cpu_pct": 100 * (a1.user + a1.system - a0.user - a0.system) / (t1 - t0),
+                               "agent_cpu_ms_per_frame": 1000 * (a1.user + a1.system - a0.user - a0.system)
+                               / max(1, n1 - n0),
                                "browser_cpu_pct": 100 * (b1 - b0) / (t1 - t0),
                                "rss_mb": proc.memory_info().rss / 2**20, "page_frame_loads": loads,
                                "browser_rss_mb": browser.rss_mb()})
@@ -151,7 +210,7 @@ def main() -> int:
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(), "cpus": ncpu,
         "cpu": platform.processor() or platform.machine(), "load_avg": os.getloadavg(),
-        "engine": kind, "model": args.model, "video": f"{args.size}x{args.size} MJPEG, realtime={args.realtime}",
+        "engine": kind, "model": args.model, "client": args.client, "video": f"{args.size}x{args.size} MJPEG, realtime={args.realtime}",
         "pinned": pin, "rounds": args.rounds, "phase_s": args.phase_s,
         "fps_none_median": statistics.median(none), "fps_page_median": statistics.median(page),
         "change_pct_median": 100.0 * (statistics.median(page) / statistics.median(none) - 1.0),
@@ -164,6 +223,10 @@ def main() -> int:
         "browser_cpu_pct_none": statistics.median(p["browser_cpu_pct"] for p in phases if p["mode"] == "none"),
         "agent_cpu_pct_page": statistics.median(p["agent_cpu_pct"] for p in phases if p["mode"] == "page"),
         "agent_cpu_pct_none": statistics.median(p["agent_cpu_pct"] for p in phases if p["mode"] == "none"),
+        "agent_cpu_ms_per_frame_none": statistics.median(p["agent_cpu_ms_per_frame"] for p in phases
+                                                         if p["mode"] == "none"),
+        "agent_cpu_ms_per_frame_page": statistics.median(p["agent_cpu_ms_per_frame"] for p in phases
+                                                         if p["mode"] == "page"),
         "agent_rss_before_page_mb": rss_before, "agent_rss_after_mb": rss_after,
         "agent_rss_added_mb": max(p["rss_mb"] for p in phases) - rss_before,
         "browser_rss_mb_page": statistics.median(p["browser_rss_mb"] for p in phases if p["mode"] == "page"),
