@@ -125,17 +125,17 @@ class LiveState:
     def scores_since(self, since: float) -> dict[str, list[list[float]]]:
         """Points newer than `since` (compared as sent, in ms, so asking again with the last time received gets no
         point twice). Walks back from the newest point: the cost is the number of new points."""
-        out: dict[str, list[list[float]]] = {}
-        with self.lock:
+        raw: dict[str, list[tuple[float, float, float]]] = {}
+        with self.lock:  # only the walk under the lock; the formatting after it
             for cam, h in self.history.items():
-                pts = []
-                for t, s, th in reversed(h):
-                    if round(t, 3) <= since:
+                new = []
+                for p in reversed(h):
+                    if round(p[0], 3) <= since:
                         break
-                    pts.append([round(t, 3), round(s, 6), round(th, 6)])
-                pts.reverse()
-                out[cam] = pts
-        return out
+                    new.append(p)
+                raw[cam] = new
+        return {cam: [[round(t, 3), round(s, 6), round(th, 6)] for t, s, th in reversed(pts)]
+                for cam, pts in raw.items()}
 
     def alerts(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         with self.lock:

@@ -154,44 +154,45 @@ def main() -> int:
                 p.cpu_affinity(list(range(1, ncpu)))
         time.sleep(args.warmup_s)
         rss_before = proc.memory_info().rss / 2**20
-        for r in range(args.rounds):
-            for mode in ("none", "page"):
-                if args.client == "chromium":
-                    browser.goto(f"http://127.0.0.1:{web_port}/" if mode == "page" else "about:blank")
-                elif mode == "page":
-                    replayer = subprocess.Popen([sys.executable, __file__, "--replay", f"http://127.0.0.1:{web_port}/"])
-                    if pin:
-                        psutil.Process(replayer.pid).cpu_affinity(list(range(1, ncpu)))
-                if pin:  # chromium starts renderer processes per page
-                    bp = psutil.Process(browser.proc.pid)
-                    for p in bp.children(recursive=True):
-                        try:
-                            p.cpu_affinity(list(range(1, ncpu)))
-                        except psutil.Error:
-                            pass
-                time.sleep(1.0)  # settle: the page's first (full-history) requests are not counted
-                w0 = web_stats(web_port)
-                n0, t0, b0, a0 = scored_total(health_port), time.monotonic(), browser.cpu_s(), proc.cpu_times()
-                time.sleep(args.phase_s)
-                n1, t1, b1, a1 = scored_total(health_port), time.monotonic(), browser.cpu_s(), proc.cpu_times()
-                w1 = web_stats(web_port)
-                loads = browser.evaluate("Number(document.querySelector('img.live')?.dataset.loads || 0)") \
-                    if mode == "page" and args.client == "chromium" else None
-                if replayer is not None:
-                    replayer.terminate()
-                    replayer.wait(10)
-                    replayer = None
-                phases.append({"round": r, "mode": mode, "fps": (n1 - n0) / (t1 - t0),
-                               "requests": w1["requests"] - w0["requests"] - 1,
-                               "serve_cpu_ms_per_s": 1000 * (w1["serve_cpu_s"] - w0["serve_cpu_s"]) / (t1 - t0),
-                               "hook_us_mean": w1["hook_us_mean"],
-                               "agent_cpu_pct": 100 * (a1.user + a1.system - a0.user - a0.system) / (t1 - t0),
-                               "agent_cpu_ms_per_frame": 1000 * (a1.user + a1.system - a0.user - a0.system)
-                               / max(1, n1 - n0),
-                               "browser_cpu_pct": 100 * (b1 - b0) / (t1 - t0),
-                               "rss_mb": proc.memory_info().rss / 2**20, "page_frame_loads": loads,
-                               "browser_rss_mb": browser.rss_mb()})
-                print(json.dumps(phases[-1]), flush=True)
+        # none, page, none, page, ..., none: every page phase lies between two none phases, so a drift of the
+        # machine's load over the run cancels in the comparison
+        for r, mode in [(0, "none")] + [(i, m) for i in range(args.rounds) for m in ("page", "none")]:
+            if args.client == "chromium":
+                browser.goto(f"http://127.0.0.1:{web_port}/" if mode == "page" else "about:blank")
+            elif mode == "page":
+                replayer = subprocess.Popen([sys.executable, __file__, "--replay", f"http://127.0.0.1:{web_port}/"])
+                if pin:
+                    psutil.Process(replayer.pid).cpu_affinity(list(range(1, ncpu)))
+            if pin:  # chromium starts renderer processes per page
+                bp = psutil.Process(browser.proc.pid)
+                for p in bp.children(recursive=True):
+                    try:
+                        p.cpu_affinity(list(range(1, ncpu)))
+                    except psutil.Error:
+                        pass
+            time.sleep(1.0)  # settle: the page's first (full-history) requests are not counted
+            w0 = web_stats(web_port)
+            n0, t0, b0, a0 = scored_total(health_port), time.monotonic(), browser.cpu_s(), proc.cpu_times()
+            time.sleep(args.phase_s)
+            n1, t1, b1, a1 = scored_total(health_port), time.monotonic(), browser.cpu_s(), proc.cpu_times()
+            w1 = web_stats(web_port)
+            loads = browser.evaluate("Number(document.querySelector('img.live')?.dataset.loads || 0)") \
+                if mode == "page" and args.client == "chromium" else None
+            if replayer is not None:
+                replayer.terminate()
+                replayer.wait(10)
+                replayer = None
+            phases.append({"round": r, "mode": mode, "fps": (n1 - n0) / (t1 - t0),
+                           "requests": w1["requests"] - w0["requests"] - 1,
+                           "serve_cpu_ms_per_s": 1000 * (w1["serve_cpu_s"] - w0["serve_cpu_s"]) / (t1 - t0),
+                           "hook_us_mean": w1["hook_us_mean"],
+                           "agent_cpu_pct": 100 * (a1.user + a1.system - a0.user - a0.system) / (t1 - t0),
+                           "agent_cpu_ms_per_frame": 1000 * (a1.user + a1.system - a0.user - a0.system)
+                           / max(1, n1 - n0),
+                           "browser_cpu_pct": 100 * (b1 - b0) / (t1 - t0),
+                           "rss_mb": proc.memory_info().rss / 2**20, "page_frame_loads": loads,
+                           "browser_rss_mb": browser.rss_mb()})
+            print(json.dumps(phases[-1]), flush=True)
         rss_after = proc.memory_info().rss / 2**20
     finally:
         if browser is not None:
@@ -206,7 +207,12 @@ def main() -> int:
 
     none = [p["fps"] for p in phases if p["mode"] == "none"]
     page = [p["fps"] for p in phases if p["mode"] == "page"]
-    paired = [100.0 * (phases[i + 1]["fps"] / phases[i]["fps"] - 1.0) for i in range(0, len(phases), 2)]
+    # each page phase against the mean of the none phases just before and just after it
+    paired = [100.0 * (phases[i]["fps"] / (0.5 * (phases[i - 1]["fps"] + phases[i + 1]["fps"])) - 1.0)
+              for i in range(1, len(phases) - 1, 2)]
+    # the same comparison between none phases (none_i against its neighbours two phases away): the noise level
+    nones = [p["fps"] for p in phases if p["mode"] == "none"]
+    aa = [100.0 * (nones[i] / (0.5 * (nones[i - 1] + nones[i + 1])) - 1.0) for i in range(1, len(nones) - 1)]
     res = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(), "cpus": ncpu,
         "cpu": platform.processor() or platform.machine(), "load_avg": os.getloadavg(),
@@ -214,7 +220,8 @@ def main() -> int:
         "pinned": pin, "rounds": args.rounds, "phase_s": args.phase_s,
         "fps_none_median": statistics.median(none), "fps_page_median": statistics.median(page),
         "change_pct_median": 100.0 * (statistics.median(page) / statistics.median(none) - 1.0),
-        "change_pct_paired": paired, "fps_none": none, "fps_page": page,
+        "change_pct_paired": paired, "change_pct_paired_median": statistics.median(paired),
+        "noise_pct_none_vs_none": aa, "fps_none": none, "fps_page": page,
         "serve_cpu_ms_per_s_page": statistics.median(p["serve_cpu_ms_per_s"] for p in phases
                                                      if p["mode"] == "page"),
         "requests_per_s_page": statistics.median(p["requests"] / args.phase_s for p in phases if p["mode"] == "page"),
