@@ -464,8 +464,8 @@ class WebView:
                     data = view.evidence_jpeg(parts[0], parts[1])
                     if data is None:
                         self._send(404, b"no evidence for this alert\n", "text/plain")
-                    else:
-                        self._send(200, data, "image/jpeg")
+                    else:  # the page's URLs carry the peak's frame id, so a URL's image does not change
+                        self._send(200, data, "image/jpeg", {"Cache-Control": "private, max-age=600"})
                 else:
                     self._send(404, b"not found\n", "text/plain")
 
@@ -509,9 +509,10 @@ class WebView:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
-                if ctype != "text/plain" and not ctype.startswith(("text/html", "text/javascript", "text/css")):
+                extra = extra or {}
+                if "Cache-Control" not in extra and ctype in ("application/json", "image/jpeg"):
                     self.send_header("Cache-Control", "no-store")
-                for k, v in (extra or {}).items():
+                for k, v in extra.items():
                     self.send_header(k, v)
                 if code == 401:
                     self.send_header("WWW-Authenticate", 'Bearer realm="mae-ad live view"')

@@ -216,15 +216,20 @@ function alertRow(a) {
   return tr;
 }
 
+const rowCache = new Map();  // row key -> <tr>: an unchanged alert keeps its element (and its thumbnail)
+
 function renderAlerts(al) {
   const body = $("#alerts tbody");
   const rows = [...al.open, ...al.recent];
-  const key = JSON.stringify(rows.map((a) => [a.id, a.open, a.peak_frame_id, a.has_evidence]));
   $("#alert-counts").textContent = `${al.open.length} open, ${al.recent.length} recent`;
   $("#no-alerts").hidden = rows.length > 0;
-  if (key === body.dataset.key) return;   // unchanged: keep the thumbnails as they are
-  body.dataset.key = key;
-  body.replaceChildren(...rows.map(alertRow));
+  const keys = rows.map((a) => JSON.stringify([a.id, a.open, a.peak_frame_id, a.has_evidence, a.peak_score]));
+  if (keys.join("|") === body.dataset.key) return;
+  body.dataset.key = keys.join("|");
+  const trs = rows.map((a, i) => rowCache.get(keys[i]) || alertRow(a));
+  rowCache.clear();
+  trs.forEach((tr, i) => rowCache.set(keys[i], tr));
+  body.replaceChildren(...trs);
 }
 
 function showEvidence(a) {
