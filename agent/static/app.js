@@ -280,7 +280,7 @@ async function pollState() {
   try {
     const r = await fetch("/api/state", {cache: "no-store"});
     state = await r.json();
-    historyS = state.history_s;
+    if (historyS !== state.history_s) { historyS = state.history_s; fitWindowChoice(); }
     document.body.dataset.connected = "1";
     for (const [name, s] of Object.entries(state.cameras)) renderCamera(name, s);
     renderAlerts(state.alerts);
@@ -334,8 +334,19 @@ $("#token-form").addEventListener("submit", async (ev) => {
 });
 
 const sel = $("#window");
-sel.value = String(windowS);
-if (!sel.value) { sel.value = "300"; windowS = 300; }
+
+function fitWindowChoice() {
+  // only the spans the agent keeps scores for; the widest kept one when the chosen span is longer
+  let best = null;
+  for (const o of sel.options) {
+    o.disabled = Number(o.value) > historyS && o !== sel.options[0];
+    if (!o.disabled) best = o;
+  }
+  if (windowS > historyS || !sel.querySelector(`option[value="${windowS}"]`)) windowS = Number(best.value);
+  sel.value = String(windowS);
+  for (const c of cams.values()) drawChart(c);
+}
+fitWindowChoice();
 sel.addEventListener("change", () => {
   windowS = Number(sel.value);
   localStorage.setItem("mae-ad-window", String(windowS));
