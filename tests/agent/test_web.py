@@ -39,6 +39,14 @@ def _no_broker_port() -> int:
     return free_port()  # nothing listens there: the agent runs, MQTT keeps reconnecting
 
 
+def test_import_agent_web_loads_no_torch():
+    code = ("import sys, agent.web; bad = [m for m in ('torch', 'timm', 'loralib') if m in sys.modules]; "
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 # --- configuration ----------------------------------------------------------------------------------------------
 def test_non_local_bind_needs_a_token_source(tmp_path):
     from mae_ad.contract import UserError
@@ -345,10 +353,7 @@ def test_agent_demo_prints_the_page_address_while_it_runs(tmp_path):
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed")
 
-    class Lines(io.StringIO):
-        pass
-
-    out = Lines()
+    out = io.StringIO()
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(run_agent_demo(
         None, tmp_path / "demo", seconds=6.0, broker="mosquitto", stream=out, video_frames=40)), daemon=True)
