@@ -7,6 +7,7 @@ the YAML: the MQTT password comes from an environment variable (`mqtt.password_e
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -311,6 +312,62 @@ class HealthSection(Section):
     stale_s: float = Field(30.0, gt=0, description="/healthz fails when the loop has not run for this long")
 
 
+class WebSection(Section):
+    """The live view (agent.web): a page with the frames, scores, alerts and health, and operator actions.
+
+    The token that unlocks the actions (pause, resume, snapshot) comes from an environment variable or a file,
+    never from the YAML. Binding to anything but a loopback address needs a token source.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9109, ge=0, le=65535, description="0 picks a free port (tests)")
+    token_env: str | None = Field(None, description="environment variable holding the action token")
+    token_file: str | None = Field(None, description="file holding the action token (first line)")
+    history_s: float = Field(300.0, gt=0, le=3600, description="seconds of scores kept for the chart")
+    alerts_kept: int = Field(20, ge=1, le=500, description="closed alerts listed on the page")
+
+    @model_validator(mode="after")
+    def _token_for_remote(self) -> WebSection:
+        if self.token_env and self.token_file:
+            raise ValueError("token_env and token_file: set one of them, not both")
+        if self.enabled and not _is_loopback(self.host) and not (self.token_env or self.token_file):
+            raise ValueError(f"host: {self.host!r} is not a loopback address; a non-local bind needs the action "
+                             "token configured (web.token_env or web.token_file)")
+        return self
+
+    def token(self) -> str | None:
+        """Read the action token from its environment variable or file. Raises UserError when the source is
+        missing or the token is empty. The value is never logged."""
+        v: str | None = None
+        if self.token_env:
+            v = os.environ.get(self.token_env)
+            if v is None:
+                raise UserError(f"web.token_env: environment variable {self.token_env} is not set")
+            where = f"web.token_env: environment variable {self.token_env}"
+        elif self.token_file:
+            p = Path(self.token_file)
+            if not p.is_file():
+                raise UserError(f"web.token_file: {p} not found")
+            lines = p.read_text().splitlines()
+            v = lines[0].strip() if lines else ""
+            where = f"web.token_file: {p}"
+        else:
+            return None
+        if not v.strip():
+            raise UserError(f"{where} holds an empty token")
+        return v.strip()
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AgentConfig(Section):
     agent_id: str = "agent1"
     model: ModelSection
@@ -320,6 +377,7 @@ class AgentConfig(Section):
     evidence: EvidenceSection = Field(default_factory=EvidenceSection)
     mqtt: MqttSection = Field(default_factory=MqttSection)
     health: HealthSection = Field(default_factory=HealthSection)
+    web: WebSection = Field(default_factory=WebSection)
 
     @field_validator("agent_id")
     @classmethod

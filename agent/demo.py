@@ -148,11 +148,38 @@ def _guess_backend(model: str | None) -> str:
     return "torch"
 
 
+def _free_or_any(port: int) -> int:
+    """`port` if nothing listens on it on 127.0.0.1, else 0 (the system picks one)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does: TIME_WAIT is no obstacle
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
+
+
+def _announce_page(agent: Any, stream: TextIO | None, timeout_s: float = 60.0) -> None:
+    """Print the live view's address once its server runs (from a helper thread; the agent blocks the caller)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and not agent.stop_event.is_set():
+        web = agent.web
+        if web is not None and web._thread.is_alive():
+            if stream is not None:
+                stream.write(f"live view: {web.url}  (open it in a browser while the agent runs)\n")
+                stream.flush()
+            return
+        time.sleep(0.05)
+
+
 def run_agent_demo(model: str | Path | None, out: str | Path, seconds: float = 20.0, backend: str | None = None,
                    broker: str = "auto", threshold: float | None = None, stream: TextIO | None = sys.stdout,
-                   video_frames: int = 150, fps: float = 10.0) -> dict[str, Any]:
+                   video_frames: int = 150, fps: float = 10.0, web_port: int = 9109) -> dict[str, Any]:
     """Write a product video, start a broker, run the agent on the video for `seconds`, print the messages as they
-    arrive, stop everything and return a summary."""
+    arrive and the live view's address (127.0.0.1:`web_port`, another free port if that one is taken; read-only:
+    no action token), stop everything and return a summary."""
     from .broker import start_local_broker
     from .config import agent_config_from_dict
     from .loop import Agent
@@ -171,6 +198,7 @@ def run_agent_demo(model: str | Path | None, out: str | Path, seconds: float = 2
         "evidence": {"dir": str(out / "evidence"), "max_alerts": 50},
         "mqtt": {"host": "127.0.0.1", "port": brk.port, "protocol": protocol, "score_interval_s": 0.5,
                  "stats_interval_s": 5.0, "spool": {"dir": str(out / "spool")}},
+        "web": {"enabled": True, "host": "127.0.0.1", "port": _free_or_any(web_port)},
     }, "<agent demo>")
     view = LiveView("127.0.0.1", brk.port, f"mae-ad/{agent_id}", protocol, stream)
     agent = Agent(cfg)
@@ -180,6 +208,7 @@ def run_agent_demo(model: str | Path | None, out: str | Path, seconds: float = 2
             stream.write(f"agent demo: {video['path']} ({video['frames']} frames at {fps:g} fps, defects in frames "
                          f"{video['defect_segments']}), engine {kind}, broker "
                          f"{type(brk).__name__} on 127.0.0.1:{brk.port}, {seconds:g} s\n")
+        threading.Thread(target=_announce_page, args=(agent, stream), name="announce", daemon=True).start()
         agent.run(duration_s=seconds, install_signals=threading.current_thread() is threading.main_thread())
         time.sleep(0.5)  # let the last messages arrive
     finally:
@@ -191,6 +220,7 @@ def run_agent_demo(model: str | Path | None, out: str | Path, seconds: float = 2
         "seconds": seconds, "frames_scored": agent.frames_scored, "alerts_raised": agent.alerts_raised,
         "alerts_received": len(starts), "first_score_s": agent.first_score_s, "messages": dict(view.counts),
         "evidence_dir": str(out / "evidence"), "defect_segments": video["defect_segments"],
+        "live_view": agent.web.url if agent.web is not None else None,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

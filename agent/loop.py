@@ -103,6 +103,7 @@ class Agent:
         self.link: MqttLink | None = None
         self.evidence = EvidenceStore(cfg.evidence)
         self.health_server: Any = None
+        self.web: Any = None  # agent.web.WebView when web.enabled
         self.t_start = time.monotonic()
         self.first_score_s: float | None = None
         self.last_tick = time.monotonic()
@@ -153,6 +154,10 @@ class Agent:
         self.spool = Spool(spool_dir, cfg.mqtt.spool.max_messages, cfg.mqtt.spool.on_full, cfg.mqtt.spool.fsync)
         self.link = MqttLink(cfg.mqtt, cfg.agent_id, self.spool, on_command=self._on_command,
                              on_connected=self._on_connected)
+        if cfg.web.enabled:
+            from .web import WebView
+
+            self.web = WebView(self, cfg.web)
         log.info("agent %s: model %s on %s (input %d px, threshold %s), %d camera(s)", cfg.agent_id, self.model_id,
                  b.name, b.input_size, self.default_threshold, len(self.cams))
 
@@ -241,6 +246,8 @@ class Agent:
                 self.health_server = HealthServer(self.cfg.health.host, self.cfg.health.port, self.health,
                                                   self.metrics_text)
                 self.health_server.start()
+            if self.web is not None:
+                self.web.start()
             for cs in self.cams.values():
                 cs.reader.start()
             end = None if duration_s is None else time.monotonic() + duration_s
@@ -368,6 +375,8 @@ class Agent:
             cs.last_heatmap_pub = now
             link.publish(link.topic(name, "heatmap"), heat_jpeg, qos=0)
         self.timer.add("publish", time.monotonic() - tp)
+        if self.web is not None:
+            self.web.on_frame(cs, f, crop, amap, score, threshold, box, lat, decision.events)
 
     def _camera_lost(self, cs: CameraState) -> None:
         """The camera is not streaming: close its open alert at its last scored frame (blind time not counted)."""
@@ -524,6 +533,8 @@ class Agent:
             self.link.stop()
         if self.health_server is not None:
             self.health_server.stop()
+        if self.web is not None:
+            self.web.stop()
         if self.backend is not None and self._backend_given is None:
             self.backend.close()
         log.info("agent %s stopped: %d frames scored, %d alerts raised, %d message(s) left in the spool",
