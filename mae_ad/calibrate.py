@@ -34,6 +34,30 @@ def training_stats_images(cfg: Config, train_paths: Callable[[], list[Path]]) ->
     return torch.from_numpy(load_stack(stats_training_paths(train_paths()), cfg.model.img_size))
 
 
+def fit_knn_memory(scorer: Scorer, cfg: Config, train_paths: list[Path], tokens: torch.Tensor | None = None,
+                   batch_size: int = 16) -> torch.Tensor | None:
+    """With scoring.knn_weight: set the scorer's kNN memory from the training images' token cells (`tokens`
+    [N, C, g, g] when already computed, in `train_paths` order). Returns the memory owner id of each image
+    `training_stats_images` returns (for leave-one-image-out statistics), or None when there is nothing to do."""
+    if scorer.knn_weight <= 0:
+        return None
+    if tokens is None:
+        dev = scorer.knn_mean.device
+        with torch.no_grad():
+            tokens = torch.cat([scorer.normalise_input(torch.from_numpy(load_stack(train_paths[i:i + batch_size],
+                                                                                    cfg.model.img_size)).to(dev))
+                                for i in range(0, len(train_paths), batch_size)])
+    n, c, gh, gw = tokens.shape
+    cells = tokens.permute(0, 2, 3, 1).reshape(-1, c)
+    owner = torch.arange(n).repeat_interleave(gh * gw)
+    scorer.set_knn_memory(cells, owner)
+    log.info("kNN memory: %d of %d training cells (%d images)", scorer.knn_bank.shape[0], cells.shape[0], n)
+    if cfg.calibration.stats_source != "train" or cfg.scoring.normalize != "position":
+        return None
+    index = {p: i for i, p in enumerate(train_paths)}
+    return torch.tensor([index[p] for p in stats_training_paths(train_paths)])
+
+
 def _bundle_training_paths(data: Path, holdout: list[str]) -> list[Path]:
     """A bundle's training images: the dataset's normal training images minus the bundle's held-back ones."""
     held = set(holdout)
@@ -66,7 +90,9 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     scorer = Scorer(model, cfg).eval()
     images = torch.from_numpy(load_stack(paths, cfg.model.img_size))
     stats_images = training_stats_images(cfg, lambda: _bundle_training_paths(data, holdout))
-    cal = calibrate(scorer, images, cfg.calibration.target_fpr, batch_size=batch_size, stats_images=stats_images)
+    owner = fit_knn_memory(scorer, cfg, _bundle_training_paths(data, holdout)) if scorer.knn_weight > 0 else None
+    cal = calibrate(scorer, images, cfg.calibration.target_fpr, batch_size=batch_size, stats_images=stats_images,
+                    stats_owner=owner)
     cal["holdout_images"] = holdout
     cal["recalibrated_from"] = meta.get("model_id")
     extra = {k: v for k, v in meta.items() if k == "training"}

@@ -193,6 +193,12 @@ class ScoringConfig(Section):
     lowpass_sigma: float = Field(0.0, ge=0, description="Gaussian sigma (pixels) of the residual low-pass (0 = off)")
     stats_weight: float = Field(0.0, ge=0, description="weight of the training-free patch-statistics z-map added to "
                                 "the position-normalised map (0 = off; needs normalize=position)")
+    # Feature space: the distance of each feature cell to its nearest normal training cell (a kNN memory inside the
+    # graph, PatchCore-style) added to the reconstruction map, each in z-score units with normalize=position.
+    knn_weight: float = Field(0.0, ge=0, description="weight of the nearest-normal-cell distance map (0 = off; "
+                              "needs model.backbone)")
+    knn_memory: int = Field(8192, ge=1, description="memory cells kept (greedy k-center coreset of the training "
+                            "cells when there are more)")
 
 
 class DataConfig(Section):
@@ -269,6 +275,8 @@ class Config(Section):
                                    ("stats_weight", self.scoring.stats_weight > 0)) if on]
             if bad:
                 raise ValueError(f"scoring.{bad[0]}: a pixel-space option; not available with model.backbone")
+        if self.scoring.knn_weight > 0 and self.model.backbone is None:
+            raise ValueError("scoring.knn_weight > 0 needs feature tokens: set model.backbone")
         if self.scoring.gmm_weight > 0 and self.model.gmm_components == 0:
             raise ValueError("scoring.gmm_weight > 0 needs a GMM head: set model.gmm_components (e.g. 4)")
         return self

@@ -117,6 +117,17 @@ class Scorer(nn.Module):
             c, g = cfg.model.in_chans, model.grid
             self.register_buffer("cell_mean", torch.zeros(1, 2 * c, g, g))
             self.register_buffer("cell_std", torch.ones(1, 2 * c, g, g))
+        # nearest-normal-cell distance map (feature space): the memory is set by `set_knn_memory`
+        self.knn_weight = float(sc.knn_weight)
+        if self.knn_weight > 0:
+            if not self.features:
+                raise ValueError("scoring.knn_weight > 0 needs model.backbone")
+            c = model.token_chans
+            self.register_buffer("knn_bank", torch.zeros(0, c))  # [M, C] standardised normal cells
+            self.register_buffer("knn_bank_sq", torch.zeros(1, 0))  # [1, M] their squared norms
+            self.register_buffer("knn_mean", torch.zeros(1, 1, size, size))
+            self.register_buffer("knn_std", torch.ones(1, 1, size, size))
+            self.knn_owner: torch.Tensor | None = None  # [M] source image of each cell (calibration only)
 
     # --- pieces ---------------------------------------------------------------------------------------------
     def normalise_input(self, image: torch.Tensor) -> torch.Tensor:
@@ -203,6 +214,33 @@ class Scorer(nn.Module):
         z = z.reshape(b, 1, g, 1, g, 1).expand(b, 1, g, p, g, p).reshape(b, 1, g * p, g * p)
         return gaussian_blur(z, self.kernel) if self.smooth else z
 
+    def knn_raw_map(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Token image [B, C, g, g] -> each cell's Euclidean distance to its nearest memory cell, bilinearly
+        upsampled to the image and smoothed [B, 1, H, W]. |q - m|^2 = |q|^2 - 2 q.m + |m|^2 as one MatMul and a
+        ReduceMin. `exclude` [B] (calibration on training images only): memory cells of that source image are
+        skipped (leave-one-image-out), so a training image is not compared with itself."""
+        b, c, gh, gw = x.shape
+        q = x.permute(0, 2, 3, 1).reshape(b, gh * gw, c)
+        d2 = (q * q).sum(dim=-1, keepdim=True) - 2.0 * (q @ self.knn_bank.t()) + self.knn_bank_sq  # [B, g*g, M]
+        if exclude is not None and self.knn_owner is not None:
+            same = self.knn_owner.view(1, 1, -1) == exclude.view(-1, 1, 1)
+            d2 = d2.masked_fill(same, float("inf"))
+        d = d2.amin(dim=-1).clamp_min(0.0).sqrt().reshape(b, 1, gh, gw)
+        d = F.interpolate(d, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        return gaussian_blur(d, self.kernel) if self.smooth else d
+
+    def set_knn_memory(self, cells: torch.Tensor, owner: torch.Tensor | None = None) -> None:
+        """Normal token cells [N, C] -> the memory: all of them, or a greedy k-center coreset of
+        scoring.knn_memory cells (`baseline.greedy_coreset`). `owner` [N]: source image id of each cell."""
+        from .baseline import greedy_coreset
+
+        keep = greedy_coreset(cells, self.cfg.scoring.knn_memory) if cells.shape[0] > self.cfg.scoring.knn_memory \
+            else torch.arange(cells.shape[0])
+        bank = cells[keep].float().contiguous().to(self.knn_mean.device)
+        self.knn_bank = bank
+        self.knn_bank_sq = (bank * bank).sum(dim=1).view(1, -1)
+        self.knn_owner = None if owner is None else owner[keep].to(bank.device)
+
     def reduce_map(self, amap: torch.Tensor) -> torch.Tensor:
         flat = amap.flatten(1)
         if self.reduce == "max":
@@ -217,6 +255,11 @@ class Scorer(nn.Module):
             amap = (amap - self.map_mean) / self.map_std
         if self.stats_weight > 0:
             amap = amap + self.stats_weight * self._stats_map(x)
+        if self.knn_weight > 0:
+            knn = self.knn_raw_map(x)
+            if self.normalize:
+                knn = (knn - self.knn_mean) / self.knn_std
+            amap = amap + self.knn_weight * knn
         return amap, self.reduce_map(amap)
 
     @torch.no_grad()
@@ -247,7 +290,9 @@ class Scorer(nn.Module):
     def calibration_tensors(self) -> dict[str, torch.Tensor]:
         """The normal statistics fitted by `calibrate` (saved as calibration.safetensors); empty when none."""
         names = (["map_mean", "map_std"] if self.normalize else []) + \
-            (["cell_mean", "cell_std"] if self.stats_weight > 0 else [])
+            (["cell_mean", "cell_std"] if self.stats_weight > 0 else []) + \
+            (["knn_bank", "knn_bank_sq"] + (["knn_mean", "knn_std"] if self.normalize else [])
+             if self.knn_weight > 0 else [])
         return {n: getattr(self, n).detach().cpu().contiguous() for n in names}
 
     def load_calibration_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -257,7 +302,10 @@ class Scorer(nn.Module):
         if missing:
             raise ValueError(f"{source}: missing {', '.join(missing)} (re-run `mae-ad calibrate`)")
         for n in need:
-            getattr(self, n).copy_(tensors[n].view_as(getattr(self, n)))
+            if n in ("knn_bank", "knn_bank_sq"):  # sized by the training set
+                setattr(self, n, tensors[n].float().contiguous().to(self.knn_mean.device))
+            else:
+                getattr(self, n).copy_(tensors[n].view_as(getattr(self, n)))
 
 
 @torch.no_grad()
@@ -279,12 +327,15 @@ def score_batches(scorer: Scorer, images: torch.Tensor, batch_size: int = 8, raw
 
 @torch.no_grad()
 def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_size: int = 8,
-              stats_images: torch.Tensor | None = None) -> dict[str, Any]:
+              stats_images: torch.Tensor | None = None, stats_owner: torch.Tensor | None = None) -> dict[str, Any]:
     """Fit the decision threshold (and, with scoring.normalize=position, the per-pixel normal statistics) on
     normal images only. `images` are held-back normals. With position normalisation and no `stats_images` they are
     split in two halves: the statistics come from the first, the threshold from the second, so the threshold is
     not set on images the statistics saw. With `stats_images` (calibration.stats_source=train: the training
     images) the statistics come from those and every held-back image sets the threshold.
+    With scoring.knn_weight the kNN memory must be set (`Scorer.set_knn_memory`); its map gets its own per-pixel
+    statistics from the same images, and `stats_owner` [N] (the memory owner id of each training stats image)
+    keeps each training image from matching its own cells.
     """
     n = images.shape[0]
     if n < 2:
@@ -300,6 +351,16 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
         raw, _ = score_batches(scorer, stats_src, batch_size, raw=True)
         scorer.set_normal_stats(*normal_statistics(raw, floor_share=0.25, eps=1e-8))
         n_stats = int(stats_src.shape[0])
+        if scorer.knn_weight > 0:
+            if scorer.knn_bank.shape[0] == 0:
+                raise ValueError("scoring.knn_weight > 0: set the kNN memory before calibrating")
+            maps = []
+            for i in range(0, n_stats, batch_size):
+                own = None if stats_images is None or stats_owner is None else stats_owner[i:i + batch_size]
+                maps.append(scorer.knn_raw_map(scorer.normalise_input(stats_src[i:i + batch_size]), own))
+            km, ks = normal_statistics(torch.cat(maps), floor_share=0.25, eps=1e-8)
+            scorer.knn_mean.copy_(km.view_as(scorer.knn_mean))
+            scorer.knn_std.copy_(ks.view_as(scorer.knn_std))
         if scorer.stats_weight > 0:
             feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:i + batch_size]))
                                for i in range(0, n_stats, batch_size)])

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data as data_mod
 from .bundle import staged_dir, write_bundle_files
-from .calibrate import training_stats_images
+from .calibrate import fit_knn_memory, training_stats_images
 from .config import Config, config_from_dict
 from .contract import UserError, write_json_atomic
 from .model import MaskedAutoencoderViT, build_model, count_params
@@ -446,8 +446,10 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
         scorer = Scorer(model, cfg).to(device).eval()
         hold_imgs = torch.from_numpy(data_mod.load_stack(holdout, cfg.model.img_size)).to(device)
         stats_imgs = training_stats_images(cfg, lambda: train_paths)
+        owner = fit_knn_memory(scorer, cfg, train_paths,
+                               dataset.tokens.to(device) if isinstance(dataset, TokenCache) else None)
         calibration = calibrate(scorer, hold_imgs, cfg.calibration.target_fpr, batch_size=tc.batch_size,
-                                stats_images=None if stats_imgs is None else stats_imgs.to(device))
+                                stats_images=None if stats_imgs is None else stats_imgs.to(device), stats_owner=owner)
         calibration["holdout_images"] = [str(p.relative_to(index.root)) for p in holdout]
         training_meta = {
             "data": str(index.root), "layout": index.layout, "n_train_images": len(train_paths),

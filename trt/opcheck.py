@@ -54,6 +54,7 @@ TRT10_OPS: dict[str, OpSupport] = {
     "Unsqueeze": OpSupport(FIB, "`axes` must be a constant tensor"),
     "ReduceMax": OpSupport(FI, "`axes` must be an initializer"),
     "ReduceMean": OpSupport(FI, "`axes` must be an initializer"),
+    "ReduceMin": OpSupport(FI, "`axes` must be an initializer"),  # the kNN memory of a feature-space model
     "ReduceSum": OpSupport(FI, "`axes` must be an initializer"),
     "Pad": OpSupport(FI, "`axes` must be an initializer; modes constant, reflect, edge"),
     "TopK": OpSupport(FI, "`sorted` must be 1; `K` must be less than 3840"),
@@ -70,7 +71,8 @@ TRT10_OPS: dict[str, OpSupport] = {
 }
 
 # input index holding `axes` (opset >= 13/18 form) for ops whose axes must be constant
-_AXES_INPUT = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "ReduceMax": 1, "ReduceMean": 1, "ReduceSum": 1, "Pad": 3}
+_AXES_INPUT = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "ReduceMax": 1, "ReduceMean": 1, "ReduceMin": 1,
+               "ReduceSum": 1, "Pad": 3}
 
 
 @dataclass

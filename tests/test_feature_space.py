@@ -1,0 +1,167 @@
+"""Feature-space MAE (model.backbone): training through the CLI, the in-graph kNN memory, calibration without
+self-matches, export with ONNX Runtime parity and TensorRT's op matrix, bad configs. Random backbone weights from
+a temporary file: nothing is downloaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_overrides
+
+
+def feature_overrides(weights: Path, img: int = 64, knn: float = 1.0) -> list[str]:
+    """A tiny feature-space model: EfficientNet-Lite0 levels 1-2 (stride 4 and 8) on an 8x8 token grid."""
+    return [*tiny_overrides(img, 4), "model.patch_size=1", "model.backbone.name=efficientnet_lite0",
+            f"model.backbone.weights={weights}", "model.backbone.layers=[1,2]", "model.backbone.stride=8",
+            "scoring.pattern=grid", "scoring.normalize=position", f"scoring.knn_weight={knn}",
+            "scoring.knn_memory=200", "calibration.stats_source=train", "train.epochs=2", "train.batch_size=8",
+            "train.warmup_epochs=1", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def lite_weights(tmp_path_factory) -> Path:
+    """Random EfficientNet-Lite0 weights in timm's layout, as a user's local file would be."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    path = tmp_path_factory.mktemp("w") / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def feature_bundle(tmp_path_factory, lite_weights, synthetic_data) -> Path:
+    out = tmp_path_factory.mktemp("fb") / "bundle"
+    cmd = [sys.executable, "-m", "mae_ad.cli", "train", "--data", str(synthetic_data), "--out", str(out)]
+    for o in feature_overrides(lite_weights):
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_feature_bundle_scores_with_its_knn_memory(feature_bundle, synthetic_data) -> None:
+    from mae_ad.bundle import load_scorer
+    from mae_ad.contract import read_calibration
+    from mae_ad.data import index_dataset, load_stack, split_holdout
+
+    scorer, cal, _ = load_scorer(feature_bundle, require_calibration=True)
+    assert scorer.features and scorer.model.token_chans == 24 + 40
+    # 16 training images -> 12 trained on (4 held back) x 64 cells = 768 > knn_memory: a 200-cell coreset
+    assert tuple(scorer.knn_bank.shape) == (200, 64) and scorer.knn_bank.abs().sum() > 0
+    assert cal["stats_source"] == "train" and read_calibration(feature_bundle)["n_threshold_images"] == 4
+    # the backbone's token standardisation was fitted on the training images and saved in the bundle
+    assert not torch.equal(scorer.model.backbone.feat_std, torch.ones_like(scorer.model.backbone.feat_std))
+    index = index_dataset(synthetic_data)
+    train, _ = split_holdout(index.train, 0.2, 4, seed=0)
+    imgs = torch.from_numpy(load_stack(train[:3], 64))
+    amap, score = scorer(imgs)
+    assert amap.shape == (3, 1, 64, 64) and torch.allclose(score, amap.flatten(1).amax(1))
+
+
+def test_knn_map_is_the_nearest_memory_distance(feature_bundle) -> None:
+    """The MatMul form equals brute-force nearest-neighbour distances; a cell that is in the memory has distance
+    0 unless its own image is excluded (leave-one-image-out calibration)."""
+    from mae_ad.bundle import load_scorer
+
+    scorer, _, _ = load_scorer(feature_bundle)
+    scorer.kernel = torch.ones(1)  # no smoothing: compare cell values
+    scorer.smooth = False
+    torch.manual_seed(1)
+    x = torch.randn(2, 64, 8, 8)
+    got = scorer.knn_raw_map(x)
+    cells = x.permute(0, 2, 3, 1).reshape(-1, 64)
+    want = torch.cdist(cells, scorer.knn_bank).amin(1).view(2, 1, 8, 8)
+    want = torch.nn.functional.interpolate(want, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(got, want, atol=1e-3)
+    # memory made of the cells of image 0 and 1: image 0 matches itself, unless excluded
+    scorer.set_knn_memory(cells, torch.arange(2).repeat_interleave(64))
+    scorer.cfg.scoring.knn_memory  # noqa: B018 - memory above holds 128 <= 200 cells: no coreset
+    assert float(scorer.knn_raw_map(x[:1]).abs().max()) < 1e-2
+    assert float(scorer.knn_raw_map(x[:1], exclude=torch.tensor([0])).min()) > 0.5
+
+
+def test_feature_bundle_exports_with_parity_and_passes_check_trt(feature_bundle, tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from mae_ad.bundle import load_scorer
+    from trt.export import export_onnx
+    from trt.opcheck import check_graph
+
+    out = export_onnx(feature_bundle, tmp_path / "f.onnx")  # verify=True: ORT vs torch to 1e-4 or it fails
+    model = onnx.load(str(out))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Resize", "MatMul", "ReduceMin"} <= ops or {"Resize", "MatMul"} <= ops
+    reports = check_graph(model)
+    assert not [r.op for r in reports if r.status == "unsupported"]
+    scorer, _, _ = load_scorer(feature_bundle)
+    x = np.random.default_rng(3).random((2, 3, 64, 64), dtype=np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    amap, score = sess.run(None, {sess.get_inputs()[0].name: x})
+    with torch.no_grad():
+        t_map, t_score = scorer(torch.from_numpy(x))
+    assert np.allclose(amap, t_map.numpy(), atol=1e-3) and np.allclose(score, t_score.numpy(), atol=1e-3)
+
+
+def test_recalibrate_without_knn_and_back(feature_bundle, synthetic_data, tmp_path) -> None:
+    """`mae-ad calibrate` can switch the kNN term off (scores change) on a trained feature bundle."""
+    from mae_ad.bundle import load_scorer
+    from mae_ad.calibrate import recalibrate
+
+    out = recalibrate(feature_bundle, synthetic_data, tmp_path / "noknn", ["scoring.knn_weight=0"])
+    a, _, _ = load_scorer(feature_bundle)
+    b, _, _ = load_scorer(out)
+    assert b.knn_weight == 0 and "knn_bank" not in b.calibration_tensors()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(a(x)[1], b(x)[1])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("scoring.knn_weight=1", "scoring.knn_weight > 0 needs feature tokens: set model.backbone"),
+])
+def test_pixel_model_refuses_feature_options(override, message, tmp_path) -> None:
+    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "validate-config", "configs/tiny-p8.yaml", "--set",
+                        override], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("scoring.ssim_weight=0.5", "scoring.ssim_weight: a pixel-space option"),
+    ("model.gmm_components=2", "gmm_components: a pixel-space option"),
+    ("model.backbone.local=2", "model.backbone: local: 2 must be odd"),
+    ("model.img_size=60", "img_size 60 is not a multiple of backbone.stride x patch_size"),
+])
+def test_feature_model_refuses_bad_keys(override, message, lite_weights) -> None:
+    cmd = [sys.executable, "-m", "mae_ad.cli", "validate-config", "configs/tiny-p8.yaml"]
+    for o in [*feature_overrides(lite_weights), override]:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bad_backbone_at_train_time_writes_nothing(synthetic_data, tmp_path) -> None:
+    """A backbone file of another architecture and a layer that does not exist: one error line, exit 2, no bundle
+    and no run folder."""
+    import timm
+
+    wrong = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict(), wrong)
+    for extra, message in ((["model.backbone.weights=" + str(wrong)], "r18.pth: not weights of efficientnet_lite0"),
+                           (["model.backbone.layers=[2,7]"], "model.backbone.layers: 7 is not a feature level")):
+        out = tmp_path / f"b{len(message)}"
+        cmd = [sys.executable, "-m", "mae_ad.cli", "train", "--data", str(synthetic_data), "--out", str(out)]
+        for o in [*feature_overrides(wrong), *extra]:
+            cmd += ["--set", o]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not out.exists() and not Path(str(out) + ".run").exists()
