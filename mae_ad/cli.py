@@ -101,13 +101,16 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", "-d", help="dataset root with test/ (and ground_truth/)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="report directory to create")],
     batch_size: Annotated[int, typer.Option(help="images per scoring batch")] = 8,
+    baseline: Annotated[bool, typer.Option(help="also compute the training-free baseline (kNN on the model's "
+                                           "backbone features, or patch statistics) on the same split")] = True,
     verbose: Verbose = False,
 ) -> None:
-    """Image/pixel AUROC, AUPRO, F1 at the calibrated threshold; metrics.json, report.md and plots."""
+    """Image/pixel AUROC, AUPRO, F1 at the calibrated threshold, the training-free baseline beside;
+    metrics.json, report.md and plots."""
     setup_logging(verbose)
     from .evaluate import run_evaluation
 
-    metrics = run_evaluation(bundle, data, out, batch_size=batch_size)
+    metrics = run_evaluation(bundle, data, out, batch_size=batch_size, baseline=baseline)
     typer.echo(" ".join(f"{k}={metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1")
                         if isinstance(metrics.get(k), float)))
 

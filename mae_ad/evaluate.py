@@ -21,7 +21,17 @@ import numpy as np
 from . import metrics as M
 from .config import config_from_dict, read_yaml
 from .contract import BUNDLE_CONFIG, UserError, read_bundle_meta, read_calibration, write_json_atomic
-from .data import IMAGE_EXTS, Sample, image_shape, index_dataset, list_images, read_display_bgr, read_image, read_mask
+from .data import (
+    IMAGE_EXTS,
+    Sample,
+    image_shape,
+    index_dataset,
+    list_images,
+    load_stack,
+    read_display_bgr,
+    read_image,
+    read_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +92,49 @@ def _thin_curve(x: np.ndarray, y: np.ndarray, x_max: float, n: int = 1000) -> tu
     return x[keep], y[keep]
 
 
+def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.ndarray, masks: np.ndarray,
+                     has_mask: np.ndarray, labels: np.ndarray, defects: np.ndarray) -> dict[str, Any]:
+    """The training-free baseline on the same images, fitted on the bundle's own training images (the dataset's
+    train/good minus its held-back ones) and thresholded on its held-back images, so every report shows what the
+    model adds: kNN on the model's own backbone features for a feature-space model (`baseline.KnnBaseline`),
+    per-position patch statistics for a pixel-space one."""
+    import torch
+
+    from .baseline import KnnBaseline, PatchStatsBaseline
+
+    held = set(cal.get("holdout_images") or [])
+    train = [p for p in index.train if str(p.relative_to(index.root)) not in held]
+    hold = [p for p in index.train if str(p.relative_to(index.root)) in held]
+    size = images.shape[-1]
+    base: Any
+    if scorer.features:
+        base = KnnBaseline(scorer.cfg.model.backbone, size, tokenizer=scorer.model.backbone)
+        method = "kNN on the model's backbone features (training-free, PatchCore-style, full memory)"
+    else:
+        base = PatchStatsBaseline(scorer.model.patch_size)
+        method = "per-position patch statistics (training-free)"
+    base.fit(torch.from_numpy(load_stack(train, size)))
+    _, hold_scores = base.score(torch.from_numpy(load_stack(hold, size))) if hold else (None, None)
+    threshold = float(np.quantile(hold_scores.double().numpy(), 1 - float(cal.get("target_fpr", 0.01)),
+                                  method="higher")) if hold_scores is not None else float("inf")
+    maps_t, scores_t = base.score(torch.from_numpy(images))
+    maps, scores = maps_t[:, 0].numpy(), scores_t.double().numpy()
+    out: dict[str, Any] = {"method": method, "n_train_images": len(train), "threshold": threshold}
+    im = M.image_metrics(labels, scores, threshold)
+    out.update({k: _finite(im[k]) for k in ("image_auroc", "f1")})
+    out.update(_pixel_metrics(masks[has_mask], maps[has_mask], {}, "baseline"))
+    out["per_defect_image_auroc"] = {
+        t: _finite(M.auroc(labels[(defects == "good") | (defects == t)],
+                           scores[(defects == "good") | (defects == t)]))
+        for t in sorted(set(defects.tolist()) - {"good"})}
+    return out
+
+
 def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
-                   batch_size: int = 8) -> dict[str, Any]:
+                   batch_size: int = 8, baseline: bool = True) -> dict[str, Any]:
     """Score the test images of `data` with the bundle's calibrated scorer; write metrics.json, scores.csv,
-    report.md and plots/ into the new directory `out`. Returns the metrics dict."""
+    report.md and plots/ into the new directory `out`. Returns the metrics dict. With `baseline`, the
+    training-free baseline is computed on the same split and reported beside (`_baseline_beside`)."""
     bundle, data, out = Path(bundle), Path(data), Path(out)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -167,6 +216,10 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
         "torch_threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
+
+    if baseline:
+        result["baseline"] = _baseline_beside(scorer, cal, index, images, masks, has_mask, labels, defects)
+        log.info("baseline beside: %s", {k: v for k, v in result["baseline"].items() if isinstance(v, float)})
 
     with staged_dir(out, "evaluation report") as d:
         write_json_atomic(d / "metrics.json", result)
@@ -355,6 +408,16 @@ def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
           f"{r['f1_oracle_threshold']:.4g} |", "",
           f"Confusion at the calibrated threshold: TP {conf['tp']}, FP {conf['fp']}, TN {conf['tn']}, "
           f"FN {conf['fn']}.", ""]
+    b = r.get("baseline")
+    if b:
+        L += ["## Beside it: the training-free baseline", "",
+              f"{b['method']}, fitted on the same {b['n_train_images']} training images and thresholded on the same "
+              "held-back images, so the difference is what the model adds.", "",
+              "| | image AUROC | pixel AUROC | AUPRO | F1 |", "|---|---|---|---|---|",
+              f"| this model | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} | {_fmt(r['aupro'])} | "
+              f"{_fmt(r['f1'])} |",
+              f"| baseline | {_fmt(b['image_auroc'])} | {_fmt(b['pixel_auroc'])} | {_fmt(b['aupro'])} | "
+              f"{_fmt(b['f1'])} |", ""]
     L += ["## The threshold", "",
           f"Threshold **{r['threshold']:.6g}** (an image is anomalous when its score is above it) comes from the "
           "bundle's calibration: it was set on held-back NORMAL training images "

@@ -18,10 +18,10 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .backbone import FeatureTokenizer
 from .config import ModelConfig
 from .lora import apply_lora, configure_trainable
 from .masking import random_masking_ids, training_masking_ids
-from .backbone import FeatureTokenizer
 from .variants import DyT, GMMHead, gaussian_window, ssim_map
 
 

@@ -141,14 +141,14 @@ def test_sweep_real_two_trials(tmp_path, synthetic_data):
 
 
 def test_shipped_ablation_file_validates_against_the_recipe():
-    """configs/ablation-magnetic-tile.yaml: every trial is a valid config on top of configs/magnetic-tile.yaml."""
+    """configs/ablation-magnetic-tile.yaml: every trial is a valid config on top of the pixel recipe it ablates."""
     from mae_ad.config import read_yaml
     from mae_ad.sweep import read_trial_list, trial_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     plan = read_trial_list(root / "ablation-magnetic-tile.yaml")
     assert plan is not None and plan[0]["name"] == "recipe" and len(plan) >= 10
-    base = read_yaml(root / "magnetic-tile.yaml")
+    base = read_yaml(root / "magnetic-tile-pixel.yaml")
     cfgs = [trial_config(base, p, "ablation") for p in plan]
     assert cfgs[0].model.decoder_depth == 2 and cfgs[0].train.mask_mode == "mixed"
     assert {c.train.mask_mode for c in cfgs} == {"mixed", "random", "block"}
