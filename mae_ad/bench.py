@@ -78,6 +78,9 @@ def matmul_peak(seconds: float, n: int = 2048) -> float:
 
 
 def preset_config(preset: str) -> Config:
+    """A preset name, or a model config file (`.yaml`) such as configs/magnetic-tile.yaml."""
+    if preset.endswith((".yaml", ".yml")):
+        return load_config(preset)
     try:
         return load_config(None, [f"model.preset={preset}"])
     except UserError:
@@ -86,10 +89,32 @@ def preset_config(preset: str) -> Config:
         raise UserError(f"--presets {preset!r}: {e}") from None
 
 
-def bench_scoring(cfg: Config, batch: int, seconds: float, inference_mode: bool = True, bf16: bool = False,
-                  compile_model: bool = False, fused: bool = True) -> dict[str, Any]:
+def ready_scorer(cfg: Config) -> Scorer:
+    """A randomly initialised scorer of `cfg` with everything scoring touches in place (a full kNN memory)."""
     torch.manual_seed(0)
     scorer = Scorer(build_model(cfg.model), cfg).eval()
+    if scorer.knn_weight > 0:
+        scorer.set_knn_memory(torch.randn(cfg.scoring.knn_memory, scorer.model.token_chans))
+    return scorer
+
+
+def estimated_scoring_flops(cfg: Config, scorer: Scorer) -> float:
+    """FLOPs to score one image: the MAE (`model.scoring_flops`), plus in feature space the frozen backbone
+    (counted: a CNN's FLOPs are its convolutions) and the kNN distance MatMul (2 * cells * memory * channels)."""
+    model = scorer.model
+    total = scoring_flops(cfg.model, cfg.scoring.num_masks, model.token_chans)
+    if model.backbone is not None:
+        x = torch.rand(1, 3, cfg.model.img_size, cfg.model.img_size)
+        with torch.no_grad():
+            total += counted_flops(lambda: model.backbone(x), model.backbone)
+        if scorer.knn_weight > 0:
+            total += 2.0 * model.num_patches * scorer.knn_bank.shape[0] * model.token_chans
+    return total
+
+
+def bench_scoring(cfg: Config, batch: int, seconds: float, inference_mode: bool = True, bf16: bool = False,
+                  compile_model: bool = False, fused: bool = True) -> dict[str, Any]:
+    scorer = ready_scorer(cfg)
     x = torch.rand(batch, 3, cfg.model.img_size, cfg.model.img_size)
     fn: Callable[[torch.Tensor], Any] = torch.compile(scorer) if compile_model else scorer
     grad_ctx = torch.inference_mode if inference_mode else torch.no_grad
@@ -103,7 +128,7 @@ def bench_scoring(cfg: Config, batch: int, seconds: float, inference_mode: bool 
     else:
         with unfused_attention(scorer):
             per, reps = time_it(call, seconds)
-    flops = scoring_flops(cfg.model, cfg.scoring.num_masks) * batch
+    flops = estimated_scoring_flops(cfg, scorer) * batch
     return {"batch": batch, "seconds_per_batch": per, "reps": reps, "images_per_s": batch / per,
             "flop_per_image": flops / batch, "flops_per_s": flops / per}
 
@@ -112,7 +137,8 @@ def bench_training(cfg: Config, batch: int, seconds: float) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randn(batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)  # model space (normalised)
+    side = cfg.model.token_side  # model space: normalised pixels, or cached feature tokens
+    x = torch.randn(batch, model.token_chans, side, side)
 
     def step() -> None:
         loss, _, _ = model(x, cfg.train.mask_ratio)
@@ -121,29 +147,30 @@ def bench_training(cfg: Config, batch: int, seconds: float) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
 
     per, reps = time_it(step, seconds)
-    flops = training_flops(cfg.model, cfg.train.mask_ratio) * batch
+    flops = training_flops(cfg.model, cfg.train.mask_ratio, model.token_chans) * batch
     return {"batch": batch, "seconds_per_step": per, "reps": reps, "images_per_s": batch / per,
             "flop_per_image": flops / batch, "flops_per_s": flops / per}
 
 
 def check_flop_estimates(cfg: Config, batch: int = 1) -> dict[str, float]:
     """The analytic scoring/training FLOPs next to what FlopCounterMode counts on the real modules."""
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    scorer = Scorer(model, cfg).eval()
+    scorer = ready_scorer(cfg)
+    model = scorer.model
     x = torch.rand(batch, 3, cfg.model.img_size, cfg.model.img_size)
     with torch.no_grad():
-        counted_score = counted_flops(lambda: scorer(x), model) / batch
+        counted_score = counted_flops(lambda: scorer(x), scorer) / batch
     model.train()
-    xt = torch.randn(2 * batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)  # model space
+    side = cfg.model.token_side
+    xt = torch.randn(2 * batch, model.token_chans, side, side)  # model space
 
     def train_step() -> None:
         loss, _, _ = model(xt, cfg.train.mask_ratio)
         loss.backward()
 
     counted_train = counted_flops(train_step, model) / (2 * batch)
-    return {"scoring_estimate": scoring_flops(cfg.model, cfg.scoring.num_masks), "scoring_counted": counted_score,
-            "training_estimate": training_flops(cfg.model, cfg.train.mask_ratio), "training_counted": counted_train}
+    return {"scoring_estimate": estimated_scoring_flops(cfg, scorer), "scoring_counted": counted_score,
+            "training_estimate": training_flops(cfg.model, cfg.train.mask_ratio, model.token_chans),
+            "training_counted": counted_train}
 
 
 def _levers(cfg: Config, seconds: float, batch: int, peak: float, emit: Callable[[str], None]

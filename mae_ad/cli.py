@@ -162,7 +162,7 @@ def make_corpus(
 @app.command()
 def bench(
     what: Annotated[str, typer.Argument(help="scoring | train | all")] = "all",
-    presets: Annotated[str, typer.Option(help="comma-separated presets")] = "tiny-p8,small-p8",
+    presets: Annotated[str, typer.Option(help="comma-separated presets or model config files (.yaml)")] = "tiny-p8,small-p8",
     out: Annotated[Path | None, typer.Option(help="write results JSON here")] = None,
     seconds: Annotated[float, typer.Option(help="time per measurement")] = 10.0,
 ) -> None:

@@ -20,18 +20,30 @@ from .contract import UserError
 
 log = logging.getLogger(__name__)
 
-# The embedded default: ViT-Tiny width, fewer blocks, 128 px with patch 8 (16x16 patches), for a few CPU minutes.
+# The embedded default, the feature-space recipe family of configs/magnetic-tile.yaml at demo scale: a 4-block
+# ViT-Tiny-wide MAE over the cells of the frozen ImageNet EfficientNet-Lite0 (stride 8 and 16 levels on a 16x16 grid
+# at 128 px), fused with the in-graph kNN memory, for two CPU minutes.
 DEMO_OVERRIDES = [
     "name=demo-tile",
     "model.preset=tiny-p8",
     "model.img_size=128",
-    "model.depth=6",
+    "model.patch_size=1",
+    "model.depth=4",
+    "model.decoder_embed_dim=128",
+    "model.decoder_num_heads=4",
     "model.decoder_depth=2",
+    "model.backbone.name=efficientnet_lite0",
+    "model.backbone.layers=[2,3]",
+    "model.backbone.stride=8",
+    "scoring.pattern=grid",
+    "scoring.normalize=position",
+    "scoring.knn_weight=1.0",
     "scoring.sigma=2.0",
+    "train.mask_mode=mixed",
     "train.epochs=400",
     "train.batch_size=16",
-    "train.blr=1.5e-3",
-    "train.warmup_epochs=5",
+    "train.blr=3e-3",
+    "train.warmup_epochs=2",
     "train.checkpoint_every=1000",
     "train.log_every=20",
     "calibration.holdout_fraction=0.2",

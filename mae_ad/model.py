@@ -298,26 +298,30 @@ def encoder_flops_estimate(cfg: ModelConfig, tokens: int, decoder: bool = False)
     return float(depth * per_block)
 
 
-def _flops_parts(cfg: ModelConfig, keep: int) -> tuple[float, float]:
-    """(patch embedding, one masked pass: encoder over `keep` visible tokens + decoder + projections) in FLOPs."""
+def _flops_parts(cfg: ModelConfig, keep: int, token_chans: int | None = None) -> tuple[float, float]:
+    """(patch embedding, one masked pass: encoder over `keep` visible tokens + decoder + projections) in FLOPs.
+    `token_chans`: channels of the token image (feature space: the backbone's; default model.in_chans)."""
     length = cfg.num_patches
     p = cfg.patch_size
-    embed = 2 * length * cfg.embed_dim * p * p * cfg.in_chans
+    c = token_chans or cfg.in_chans
+    embed = 2 * length * cfg.embed_dim * p * p * c
     enc = encoder_flops_estimate(cfg, keep + 1)
     dec = encoder_flops_estimate(cfg, length + 1, decoder=True)
-    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * (length + 1) * cfg.decoder_embed_dim * p * p * cfg.in_chans
+    proj = 2 * (keep + 1) * cfg.embed_dim * cfg.decoder_embed_dim + 2 * (length + 1) * cfg.decoder_embed_dim * p * p * c
     return float(embed), float(enc + dec + proj)
 
 
-def scoring_flops(cfg: ModelConfig, k: int) -> float:
-    """Approximate FLOPs to score one image with K masks (patch embedding once, then K masked passes)."""
-    embed, one_pass = _flops_parts(cfg, cfg.num_patches - cfg.num_patches // k)
+def scoring_flops(cfg: ModelConfig, k: int, token_chans: int | None = None) -> float:
+    """Approximate FLOPs of the MAE part of scoring one image with K masks (patch embedding once, then K masked
+    passes). Feature space: pass the token channels; the backbone and a kNN memory come on top (bench.py)."""
+    embed, one_pass = _flops_parts(cfg, cfg.num_patches - cfg.num_patches // k, token_chans)
     return embed + k * one_pass
 
 
-def training_flops(cfg: ModelConfig, mask_ratio: float) -> float:
-    """Approximate FLOPs of one training image (forward + backward, all parameters trainable)."""
-    embed, one_pass = _flops_parts(cfg, max(1, int(round(cfg.num_patches * (1 - mask_ratio)))))
+def training_flops(cfg: ModelConfig, mask_ratio: float, token_chans: int | None = None) -> float:
+    """Approximate FLOPs of one training image (forward + backward, all parameters trainable; feature space: on
+    cached tokens, the frozen backbone not counted)."""
+    embed, one_pass = _flops_parts(cfg, max(1, int(round(cfg.num_patches * (1 - mask_ratio)))), token_chans)
     # backward costs twice the forward, except the patch embedding (no gradient w.r.t. the input image)
     return 2 * embed + 3 * one_pass
 
