@@ -114,7 +114,7 @@ def load_pretrained(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -
     for key, value in src.items():
         if key.startswith(DECODER_PREFIXES) and not dec_fits:
             continue
-        if key.startswith("backbone."):  # a feature-space base: the backbone comes from its own source weights
+        if key.startswith(("backbone.", "perceptual.")):  # pretrained CNNs come from their own source weights
             n_backbone += 1
             continue
         if key == "pos_embed":

@@ -108,6 +108,9 @@ class ModelConfig(Section):
     # Feature space: tokens are the cells of a frozen pretrained CNN's features (patch_size then counts feature
     # cells, usually 1) instead of pixel patches. None: pixel space.
     backbone: BackboneConfig | None = None
+    # Pixel space only: a frozen pretrained CNN that scoring.perceptual_weight compares the input and its K-mask
+    # reconstruction with (a perceptual error); saved in the bundle like a feature backbone.
+    perceptual: BackboneConfig | None = None
     # --- variants (docs/variants.md); every default keeps the plain MAE ---------------------------------------
     pos_embed: Literal["sincos", "hybrid"] = "sincos"  # hybrid: fixed 2-D sin-cos + a learnable zero-init term
     norm: Literal["layernorm", "dyt"] = "layernorm"  # dyt: weight * tanh(alpha * x) + bias, learnable scalar alpha
@@ -144,6 +147,8 @@ class ModelConfig(Section):
                                    ("norm_pix_loss", self.norm_pix_loss)) if on]
             if bad:
                 raise ValueError(f"{bad[0]}: a pixel-space option; not available with model.backbone")
+            if self.perceptual is not None:
+                raise ValueError("perceptual: a pixel-space option (feature-space errors are already perceptual)")
         elif self.patch_size < 2:
             raise ValueError(f"patch_size {self.patch_size}: a pixel-space patch needs at least 2 pixels a side")
         elif self.img_size % self.patch_size:
@@ -199,6 +204,10 @@ class ScoringConfig(Section):
                               "needs model.backbone)")
     knn_memory: int = Field(8192, ge=1, description="memory cells kept (greedy k-center coreset of the training "
                             "cells when there are more)")
+    # Pixel space: map = (1 - w) * squared pixel error + w * squared error of the standardised features of
+    # model.perceptual between the input and its K-mask reconstruction (1 = perceptual error instead of pixels).
+    perceptual_weight: float = Field(0.0, ge=0, le=1, description="share of the perceptual (backbone feature) "
+                                     "error map (0 = off; needs model.perceptual)")
 
 
 class DataConfig(Section):
@@ -275,6 +284,9 @@ class Config(Section):
                                    ("stats_weight", self.scoring.stats_weight > 0)) if on]
             if bad:
                 raise ValueError(f"scoring.{bad[0]}: a pixel-space option; not available with model.backbone")
+        if self.scoring.perceptual_weight > 0 and self.model.perceptual is None:
+            raise ValueError("scoring.perceptual_weight > 0 needs model.perceptual (a backbone, e.g. "
+                             "model.perceptual.name=efficientnet_lite0)")
         if self.scoring.knn_weight > 0 and self.model.backbone is None:
             raise ValueError("scoring.knn_weight > 0 needs feature tokens: set model.backbone")
         if self.scoring.gmm_weight > 0 and self.model.gmm_components == 0:

@@ -62,6 +62,8 @@ class MaskedAutoencoderViT(nn.Module):
         if cfg.backbone is not None:  # built first: the token channels come from its feature levels
             self.backbone = FeatureTokenizer(cfg.backbone, cfg.img_size)
         self.token_chans = self.backbone.channels if self.backbone is not None else cfg.in_chans
+        # pixel space: the frozen CNN of the perceptual error (scoring.perceptual_weight)
+        self.perceptual = FeatureTokenizer(cfg.perceptual, cfg.img_size) if cfg.perceptual is not None else None
         norm_layer: type[nn.Module] = DyT if cfg.norm == "dyt" else _LayerNorm6
         block = lambda dim, heads: Block(  # noqa: E731
             dim, heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, norm_layer=norm_layer
@@ -91,9 +93,14 @@ class MaskedAutoencoderViT(nn.Module):
             for name, prm in self.named_parameters():
                 if name.startswith(self.VARIANT_PREFIXES):
                     prm.requires_grad = True
-        if self.backbone is not None:  # frozen, whatever the LoRA settings say
-            for prm in self.backbone.parameters():
-                prm.requires_grad = False
+        for frozen in (self.backbone, self.perceptual):  # frozen, whatever the LoRA settings say
+            if frozen is not None:
+                for prm in frozen.parameters():
+                    prm.requires_grad = False
+
+    def frozen_cnns(self) -> list[FeatureTokenizer]:
+        """The pretrained CNNs of this model (token backbone, perceptual backbone), for loading and fitting."""
+        return [m for m in (self.backbone, self.perceptual) if m is not None]
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's token image [B, C_f, H/s, W/s] of RGB images [B, 3, H, W] in [0, 1] (feature space)."""
@@ -179,7 +186,7 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for name, m in self.named_modules():
-            if name.startswith("backbone"):  # pretrained, loaded separately
+            if name.startswith(("backbone", "perceptual")):  # pretrained, loaded separately
                 continue
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

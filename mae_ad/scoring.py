@@ -106,6 +106,9 @@ class Scorer(nn.Module):
         self.lowpass = sc.lowpass_sigma > 0
         if self.lowpass:
             self.register_buffer("lowpass_window", gaussian_window(sc.lowpass_sigma, size - 1))
+        self.perceptual_weight = float(sc.perceptual_weight)
+        if self.perceptual_weight > 0 and model.perceptual is None:
+            raise ValueError("scoring.perceptual_weight > 0 needs model.perceptual")
         self.gmm_weight = float(sc.gmm_weight)
         if self.gmm_weight > 0 and not hasattr(model, "gmm_head"):
             raise ValueError("scoring.gmm_weight > 0 needs a model with a GMM head (model.gmm_components > 0)")
@@ -175,9 +178,9 @@ class Scorer(nn.Module):
         With scoring.lowpass_sigma the residual is blurred per channel before it is squared.
         With scoring.ssim_weight / scoring.gmm_weight: (1 - w_ssim) * squared error + w_ssim * (1 - SSIM) / 2
         + w_gmm * per-patch GMM NLL, then smoothed."""
-        return self._raw_map(self.normalise_input(image))
+        return self._raw_map(self.normalise_input(image), image)
 
-    def _raw_map(self, x: torch.Tensor) -> torch.Tensor:
+    def _raw_map(self, x: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         c = x.shape[1]
         pred, nll = self.reconstruct_with_nll(x, with_nll=self.gmm_weight > 0)
@@ -190,6 +193,14 @@ class Scorer(nn.Module):
         if self.ssim_weight > 0:
             s = ssim_map(m.unpatchify(pred, channels=c), x, self.ssim_window).mean(dim=1, keepdim=True)
             err = (1.0 - self.ssim_weight) * err + self.ssim_weight * (1.0 - s) * 0.5
+        if self.perceptual_weight > 0:  # the input and its reconstruction compared in a pretrained CNN's features
+            if image is None:
+                raise ValueError("the perceptual error needs the RGB input image")
+            cnn = m.perceptual
+            rec = self.to_rgb(m.unpatchify(pred, channels=c), image)
+            perc = ((cnn(rec) - cnn(image)) ** 2).mean(dim=1, keepdim=True)  # [B, 1, H/s, W/s]
+            perc = F.interpolate(perc, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+            err = (1.0 - self.perceptual_weight) * err + self.perceptual_weight * perc
         if nll is not None:  # one value per patch, spread over its p x p pixels
             pp = m.patch_size * m.patch_size
             err = err + self.gmm_weight * m.unpatchify(nll.unsqueeze(-1).expand(-1, -1, pp), channels=1)
@@ -250,7 +261,7 @@ class Scorer(nn.Module):
     # --- the graph ---------------------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.normalise_input(image)  # once, for both maps
-        amap = self._raw_map(x)
+        amap = self._raw_map(x, image)
         if self.normalize:
             amap = (amap - self.map_mean) / self.map_std
         if self.stats_weight > 0:
@@ -269,7 +280,11 @@ class Scorer(nn.Module):
         if self.features:
             return None
         x = self.normalise_input(image)
-        rec = self.model.unpatchify(self.reconstruct_patches(x), channels=x.shape[1])
+        return self.to_rgb(self.model.unpatchify(self.reconstruct_patches(x), channels=x.shape[1]), image)
+
+    def to_rgb(self, rec: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """A pixel-space reconstruction in model space [B, C, H, W] -> RGB [B, 3, H, W] in [0, 1] (per-image
+        standardisation undone with the input `image`'s own statistics, gray shown in all three channels)."""
         if self.per_image:  # undo the per-image standardisation with the input's own statistics
             d = normalise_images(image, self.pix_mean, self.pix_std, gray=self.gray)
             mu = d.mean(dim=(2, 3), keepdim=True)

@@ -256,19 +256,22 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     # 3. Model (+ local pretrained encoder), identical on every rank.
     torch.manual_seed(tc.seed)
     model: MaskedAutoencoderViT = build_model(cfg.model)
-    if model.backbone is not None and ckpt_tensors is None:  # (a resumed run has them in its checkpoint)
-        model.backbone.load_source_weights()
+    if ckpt_tensors is None:  # pretrained CNNs (a resumed run has them in its checkpoint)
+        for cnn in model.frozen_cnns():
+            cnn.load_source_weights()
     if cfg.model.pretrained and ckpt_tensors is None:
         from .checkpoint import load_pretrained
 
         load_pretrained(model, cfg.model.pretrained)
     model.to(device)
+    if ckpt_tensors is None and model.frozen_cnns():  # their features are standardised on the training images
+        std_imgs = torch.from_numpy(data_mod.load_stack(data_mod.stats_training_paths(train_paths),
+                                                        cfg.model.img_size))
+        for cnn in model.frozen_cnns():
+            cnn.fit_standardisation(std_imgs)
     if model.backbone is not None:
-        # Feature space: the frozen backbone's tokens are standardised per channel on the training images, and,
-        # without augmentation, computed once for the whole run (the backbone is the costliest part of a step).
-        if ckpt_tensors is None:
-            std_paths = data_mod.stats_training_paths(train_paths)
-            model.backbone.fit_standardisation(torch.from_numpy(data_mod.load_stack(std_paths, cfg.model.img_size)))
+        # Feature space: without augmentation the frozen backbone's tokens are computed once for the whole run
+        # (the backbone is the costliest part of a step).
         if not cfg.data.hflip:
             dataset = TokenCache(dataset, model.backbone, device, tc.batch_size)
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed,

@@ -165,3 +165,45 @@ def test_bad_backbone_at_train_time_writes_nothing(synthetic_data, tmp_path) -> 
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not out.exists() and not Path(str(out) + ".run").exists()
+
+
+def test_perceptual_error_for_pixel_space(tmp_path) -> None:
+    """scoring.perceptual_weight: (1 - w) * pixel error + w * the squared difference of the perceptual CNN's
+    standardised features of the input and of its K-mask reconstruction; w = 1 ignores pixels. Exported whole,
+    with ONNX Runtime parity and inside TensorRT's op matrix."""
+    import onnx
+
+    from mae_ad.bundle import save_bundle
+    from mae_ad.config import load_config
+    from mae_ad.model import build_model
+    from mae_ad.scoring import Scorer, calibrate
+    from trt.export import export_onnx
+    from trt.opcheck import check_graph
+
+    over = [*tiny_overrides(64, 8), "model.perceptual.name=efficientnet_lite0", "model.perceptual.layers=[1,2]",
+            "model.perceptual.stride=8", "scoring.sigma=0"]
+    torch.manual_seed(0)
+    cfg = load_config(None, [*over, "scoring.perceptual_weight=1.0"])
+    model = build_model(cfg.model).eval()
+    pure = Scorer(model, cfg).eval()
+    plain = Scorer(model, load_config(None, over)).eval()
+    half = Scorer(model, load_config(None, [*over, "scoring.perceptual_weight=0.5"])).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        rec = pure.reconstruction(x)
+        cnn = model.perceptual
+        want = ((cnn(rec) - cnn(x)) ** 2).mean(dim=1, keepdim=True)
+        want = torch.nn.functional.interpolate(want, size=(64, 64), mode="bilinear", align_corners=False)
+        got = pure.raw_map(x)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(half.raw_map(x), 0.5 * plain.raw_map(x) + 0.5 * want, atol=1e-5)
+    cal = calibrate(half, torch.rand(4, 3, 64, 64), target_fpr=0.2)
+    b = save_bundle(tmp_path / "perc", model, half.cfg, cal, scorer=half)
+    out = export_onnx(b, tmp_path / "perc.onnx")  # fails unless ONNX Runtime matches torch to 1e-4
+    assert not [r.op for r in check_graph(onnx.load(str(out))) if r.status == "unsupported"]
+
+
+def test_perceptual_weight_needs_a_perceptual_backbone() -> None:
+    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "validate-config", "configs/tiny-p8.yaml", "--set",
+                        "scoring.perceptual_weight=0.5"], capture_output=True, text=True)
+    assert r.returncode == 2 and "scoring.perceptual_weight > 0 needs model.perceptual" in r.stderr
