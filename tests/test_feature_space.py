@@ -112,6 +112,31 @@ def test_feature_bundle_exports_with_parity_and_passes_check_trt(feature_bundle,
     assert np.allclose(amap, t_map.numpy(), atol=1e-3) and np.allclose(score, t_score.numpy(), atol=1e-3)
 
 
+def test_feature_bundle_fp16_export_keeps_the_backbone_in_float32(feature_bundle, tmp_path) -> None:
+    """--fp16 halves the transformer only: the frozen backbone and the kNN memory stay float32, and the FP16
+    graph's scores stay close to the FP32 scorer's."""
+    import json
+
+    import onnxruntime as ort
+
+    from mae_ad.bundle import load_scorer
+    from trt.export import HalfPrecisionScorer, export_onnx
+
+    scorer, _, _ = load_scorer(feature_bundle)
+    half = HalfPrecisionScorer.from_scorer(scorer)
+    assert next(half.model.backbone.parameters()).dtype == torch.float32
+    assert half.model.decoder_pred.weight.dtype == torch.float16
+    assert torch.equal(half.model.backbone.net.conv_stem.weight, scorer.model.backbone.net.conv_stem.weight)
+    out = export_onnx(feature_bundle, tmp_path / "f16.onnx", fp16=True)
+    assert json.loads((tmp_path / "f16.onnx.meta.json").read_text())["precision"] == "fp16"
+    x = np.random.default_rng(5).random((2, 3, 64, 64), dtype=np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    _, score = sess.run(None, {sess.get_inputs()[0].name: x})
+    with torch.no_grad():
+        want = scorer(torch.from_numpy(x))[1].numpy()
+    assert np.allclose(score, want, rtol=0.05, atol=0.05)
+
+
 def test_recalibrate_without_knn_and_back(feature_bundle, synthetic_data, tmp_path) -> None:
     """`mae-ad calibrate` can switch the kNN term off (scores change) on a trained feature bundle."""
     from mae_ad.bundle import load_scorer

@@ -61,8 +61,12 @@ class HalfPrecisionScorer(Scorer):
     @classmethod
     def from_scorer(cls, scorer: Scorer) -> HalfPrecisionScorer:
         new = cls(copy.deepcopy(scorer.model), scorer.cfg)
-        new.load_state_dict(scorer.state_dict())
+        if scorer.knn_weight > 0:  # the memory buffer is sized by the training set: size it before copying
+            new.set_knn_memory(scorer.knn_bank)
         new.model.half()
+        for cnn in new.model.frozen_cnns():  # pretrained CNNs (feature / perceptual backbone) stay float32
+            cnn.float()
+        new.load_state_dict(scorer.state_dict())  # after the casts: the float32 parts keep their exact values
         return new.eval()
 
     def reconstruct_with_nll(self, x: torch.Tensor, with_nll: bool = True) -> tuple[torch.Tensor, Any]:
