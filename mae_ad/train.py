@@ -269,15 +269,6 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
                                                         cfg.model.img_size))
         for cnn in model.frozen_cnns():
             cnn.fit_standardisation(std_imgs)
-    if model.backbone is not None:
-        # Feature space: without augmentation the frozen backbone's tokens are computed once for the whole run
-        # (the backbone is the costliest part of a step).
-        if not cfg.data.hflip:
-            dataset = TokenCache(dataset, model.backbone, device, tc.batch_size)
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed,
-                                         drop_last=False)
-            loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=0, drop_last=False,
-                                generator=loader_gen)
 
     # 4. Optimizer and schedule (per optimizer step).
     eff_batch = tc.batch_size * tc.accum_iter * world
@@ -295,6 +286,14 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
         if main:
             log.info("resuming %s at epoch %d, optimizer step %d", ckpt_file, start_epoch, step)
         del ckpt_tensors
+    if model.backbone is not None and not cfg.data.hflip:
+        # Feature space without augmentation: the frozen backbone's tokens (the backbone is the costliest part of
+        # a step) are computed once for the whole run, after a resumed run has restored the backbone's state.
+        dataset = TokenCache(dataset, model.backbone, device, tc.batch_size)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed,
+                                     drop_last=False)
+        loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=0, drop_last=False,
+                            generator=loader_gen)
     ddp: nn.Module = model
     if distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

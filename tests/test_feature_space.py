@@ -232,3 +232,34 @@ def test_perceptual_weight_needs_a_perceptual_backbone() -> None:
     r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "validate-config", "configs/tiny-p8.yaml", "--set",
                         "scoring.perceptual_weight=0.5"], capture_output=True, text=True)
     assert r.returncode == 2 and "scoring.perceptual_weight > 0 needs model.perceptual" in r.stderr
+
+
+def test_resumed_feature_run_matches_the_uninterrupted_one(synthetic_data, lite_weights, tmp_path, monkeypatch):
+    """A resumed feature-space run restores the backbone before its tokens are cached: its weights end identical
+    to an uninterrupted run's (tokens from a fresh, random backbone would make them differ)."""
+    from safetensors.torch import load_file
+
+    import mae_ad.train as train_mod
+    from mae_ad.config import load_config
+    from mae_ad.train import run_dir_for, run_training
+
+    sets_ = [*feature_overrides(lite_weights, knn=0.0), "train.epochs=2", "train.checkpoint_every=1",
+             "train.lr=1e-3", "scoring.normalize=none", "calibration.stats_source=holdout"]
+    cfg = load_config(None, sets_)
+    full = run_training(cfg, synthetic_data, tmp_path / "full")
+    real_save = train_mod.save_checkpoint
+
+    def save_then_crash(path, model, optimizer, info):  # type: ignore[no-untyped-def]
+        real_save(path, model, optimizer, info)
+        if info["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, synthetic_data, out)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    run_training(cfg, synthetic_data, out, resume=run_dir_for(out))
+    a, b = load_file(str(full / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed feature run differs from the uninterrupted one"
