@@ -13,6 +13,22 @@ def tiny_overrides(img: int = 32, patch: int = 4) -> list[str]:
     ]
 
 
+def crash_after_checkpoint(monkeypatch, epoch: int):
+    """Make training raise KeyboardInterrupt right after writing the checkpoint of `epoch` (an interrupted run).
+    Returns a function that undoes it."""
+    import mae_ad.train as train_mod
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_crash(path, model, optimizer, info):
+        real_save(path, model, optimizer, info)
+        if info["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+    return lambda: monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+
+
 @pytest.fixture
 def tiny_cfg():
     from mae_ad.config import load_config

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import crash_after_checkpoint, tiny_overrides
 
 
 def feature_overrides(weights: Path, img: int = 64, knn: float = 1.0) -> list[str]:
@@ -239,7 +239,6 @@ def test_resumed_feature_run_matches_the_uninterrupted_one(synthetic_data, lite_
     to an uninterrupted run's (tokens from a fresh, random backbone would make them differ)."""
     from safetensors.torch import load_file
 
-    import mae_ad.train as train_mod
     from mae_ad.config import load_config
     from mae_ad.train import run_dir_for, run_training
 
@@ -247,18 +246,11 @@ def test_resumed_feature_run_matches_the_uninterrupted_one(synthetic_data, lite_
              "train.lr=1e-3", "scoring.normalize=none", "calibration.stats_source=holdout"]
     cfg = load_config(None, sets_)
     full = run_training(cfg, synthetic_data, tmp_path / "full")
-    real_save = train_mod.save_checkpoint
-
-    def save_then_crash(path, model, optimizer, info):  # type: ignore[no-untyped-def]
-        real_save(path, model, optimizer, info)
-        if info["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+    undo = crash_after_checkpoint(monkeypatch, 1)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, synthetic_data, out)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    undo()
     run_training(cfg, synthetic_data, out, resume=run_dir_for(out))
     a, b = load_file(str(full / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)

@@ -14,12 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mae_ad import train as train_mod
 from mae_ad.config import load_config
 from mae_ad.contract import UserError
 from mae_ad.train import lr_at, param_groups, run_dir_for, run_training
 
-from .conftest import tiny_overrides
+from .conftest import crash_after_checkpoint, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 MAE_AD = Path(sys.executable).parent / "mae-ad"
@@ -153,18 +152,11 @@ def test_resume_continues_and_matches_uninterrupted_run(synthetic_data, tmp_path
     full = run_training(cfg, synthetic_data, tmp_path / "full")
 
     # Interrupted run: crash right after the epoch-2 checkpoint.
-    real_save = train_mod.save_checkpoint
-
-    def save_then_crash(path, model, optimizer, info):
-        real_save(path, model, optimizer, info)
-        if info["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_crash)
+    undo = crash_after_checkpoint(monkeypatch, 2)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, synthetic_data, out)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    undo()
     assert not out.exists()  # no half bundle
     run = run_dir_for(out)
     info = json.loads((run / "checkpoint.json").read_text())

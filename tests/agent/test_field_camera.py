@@ -267,17 +267,23 @@ def test_file_read_as_fast_as_possible_honours_fps_without_skipping(tmp_path):
 
 
 # --- item 5: a frozen camera is a lost camera; the restart is real ---------------------------------------------
-@pytest.mark.parametrize("reader_kind", ["mjpeg", "opencv"])
-def test_frozen_stream_leaves_streaming_within_read_timeout_and_reconnects(cam_server, reader_kind):
-    reader, cap = _reader(cam_server.url(), reader=reader_kind)
-    loop_stop = threading.Event()
+def _run_watchdog(reader: Any) -> threading.Event:
+    """Check `reader`'s watchdog every 50 ms in a thread, as Agent.step does; set the returned event to stop."""
+    stop = threading.Event()
 
-    def agent_loop() -> None:  # what Agent.step does for the watchdog
-        while not loop_stop.is_set():
+    def agent_loop() -> None:
+        while not stop.is_set():
             reader.check_watchdog()
             time.sleep(0.05)
 
     threading.Thread(target=agent_loop, daemon=True).start()
+    return stop
+
+
+@pytest.mark.parametrize("reader_kind", ["mjpeg", "opencv"])
+def test_frozen_stream_leaves_streaming_within_read_timeout_and_reconnects(cam_server, reader_kind):
+    reader, cap = _reader(cam_server.url(), reader=reader_kind)
+    loop_stop = _run_watchdog(reader)
     reader.start()
     try:
         assert wait_until(lambda: reader.status == STREAMING and reader.stats.frames > 5, 20)
@@ -636,14 +642,7 @@ def test_frozen_rtsp_camera_is_detected_within_read_timeout(rtsp_video):
         OpenCvSource(CameraSection(name="x", source=f"rtsp://127.0.0.1:{port}/nope"),
                      CaptureSection(open_timeout_s=3.0)).open()
     reader, cap = _reader(f"rtsp://127.0.0.1:{port}/product", capture={"read_timeout_s": 3.0, "open_timeout_s": 3.0})
-    loop_stop = threading.Event()
-
-    def agent_loop() -> None:
-        while not loop_stop.is_set():
-            reader.check_watchdog()
-            time.sleep(0.05)
-
-    threading.Thread(target=agent_loop, daemon=True).start()
+    loop_stop = _run_watchdog(reader)
     reader.start()
     try:
         assert wait_until(lambda: reader.status == STREAMING and reader.stats.frames > 10, 30)
