@@ -358,6 +358,7 @@ def _ort_gemm(n: int, int8: bool, threads: int) -> Callable[[], Any]:
     so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
+    feeds: dict[str, Any]
     if int8:
         feeds = {"A": rng.integers(0, 255, (n, n), dtype=np.uint8), "B": rng.integers(-127, 127, (n, n), dtype=np.int8)}
     else:

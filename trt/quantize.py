@@ -186,20 +186,30 @@ def score_paths(session: Any, paths: list[Path], size: int, batch: int = 8) -> n
 
 
 def knn_matmuls(model: Any) -> list[str]:
-    """Names of the MatMul nodes that multiply by the kNN memory bank (directly or through a Transpose/Identity
-    of the bank initializer): the distance products int8 must not touch."""
-    bank = {i.name for i in model.graph.initializer if KNN_BANK_HINT in i.name and "sq" not in i.name}
-    derived = set(bank)
-    changed = True
-    while changed:  # follow Transpose/Identity/Cast chains of the bank
-        changed = False
-        for n in model.graph.node:
-            if n.op_type in ("Transpose", "Identity", "Cast") and n.input and n.input[0] in derived:
-                new = set(n.output) - derived
-                if new:
-                    derived |= new
-                    changed = True
-    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and derived & set(n.input)]
+    """Names of the MatMul/Gemm nodes of the kNN distance |q|^2 - 2 q.m + |m|^2: those that feed, through
+    elementwise arithmetic only, the op that adds the bank's squared norms (initializer `knn_bank_sq`), and those
+    that take the bank itself (`knn_bank`, when the exporter kept its name). int8 must not touch them."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    found: list[str] = []
+    inits = {i.name for i in graph.initializer}
+    sq = {n for n in inits if KNN_BANK_HINT in n and n.endswith("_sq")}
+    bank = {n for n in inits if KNN_BANK_HINT in n and not n.endswith("_sq")}
+    stack = [(i, 0) for n in graph.node if sq & set(n.input) for i in n.input if i not in sq]
+    seen: set[str] = set()
+    while stack:
+        name, depth = stack.pop()
+        node = producer.get(name)
+        if node is None or node.name in seen or depth > 6:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm"):
+            found.append(node.name)
+        elif node.op_type in ("Add", "Sub", "Mul", "Neg", "Div", "Identity", "Cast"):
+            stack += [(i, depth + 1) for i in node.input]
+    found += [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and bank & set(n.input)
+              and n.name not in found]
+    return found
 
 
 def _named(model: Any) -> Any:
@@ -210,6 +220,19 @@ def _named(model: Any) -> Any:
             n.name = f"{n.op_type}_{i}"
         seen.add(n.name)
     return model
+
+
+def _preprocess(src: Path, dst: Path) -> Path:
+    """ONNX Runtime's quantisation pre-processing (shape inference, graph optimisation), which lets the quantiser
+    see every tensor's shape; the graph as exported when it fails (logged)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return dst
+    except Exception as e:  # noqa: BLE001 - an optional step: the quantiser works on the raw graph too
+        log.info("quantisation pre-processing skipped (%s: %s)", type(e).__name__, str(e).splitlines()[0][:200])
+        return src
 
 
 class _Reader:
@@ -271,12 +294,14 @@ def quantize_onnx(
         log.info("kNN distance MatMul kept in fp32: %s", ", ".join(exclude))
     tensorrt = target == "tensorrt"
     extra = {"ActivationSymmetric": tensorrt, "WeightSymmetric": True,
+             "QuantizeBias": not tensorrt,  # TensorRT's DequantizeLinear takes no INT32 (biases stay fp32)
              # TensorRT fuses Q/DQ only around the compute ops; keep activations between them fp32
              "QDQKeepRemovableActivations": False}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mae-ad-quant-") as work:
         src = Path(work) / "fp32.onnx"
         onnx.save_model(proto, str(src))
+        src = _preprocess(src, Path(work) / "fp32.pre.onnx")
         dst = Path(work) / "int8.onnx"
         try:
             quantize_static(
@@ -337,11 +362,11 @@ def quantize_onnx(
                 raise UserError(f"{model}: the int8 graph holds ops TensorRT 10 does not take ({', '.join(bad)}); "
                                 "see `mae-ad check-trt`")
         # the record travels in the graph as well, as `mae-ad export` does (a sidecar can be lost on a device)
-        for p in list(q8.metadata_props):
-            if p.key in (ONNX_META_KEY, "precision"):
-                q8.metadata_props.remove(p)
-        q8.metadata_props.add(key=ONNX_META_KEY, value=json_dumps(record))
-        q8.metadata_props.add(key="precision", value="int8")
+        props = {p.key: p.value for p in proto.metadata_props}
+        props.update({ONNX_META_KEY: json_dumps(record), "precision": "int8"})
+        del q8.metadata_props[:]
+        for k, v in props.items():
+            q8.metadata_props.add(key=k, value=v)
         with staged_files(out) as tmp:
             onnx.save_model(q8, str(tmp / out.name))
             record["onnx_sha256"] = sha256_file(tmp / out.name)
