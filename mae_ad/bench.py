@@ -33,6 +33,7 @@ from torch import nn
 from .config import Config, load_config
 from .contract import UserError
 from .model import build_model, scoring_flops, training_flops
+from .precision import cpu_isa_flags, native_bf16
 from .scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -297,32 +298,6 @@ def _cpu_name() -> str:
 
 
 # ---- the ceiling: the best GEMM throughput any installed engine reaches on this CPU ------------------------------
-
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
-             "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_isa_flags(cpuinfo: str | None = None) -> list[str]:
-    """The vector/matrix ISA extensions of this CPU that decide GEMM speed, from /proc/cpuinfo's `flags` line
-    (`cpuinfo`: that file's text, for tests). Empty where /proc/cpuinfo is unreadable (not Linux)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return []
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 / arm64
-            have = set(value.split())
-            return [f for f in ISA_FLAGS if f in have]
-    return []
-
-
-def native_bf16(flags: list[str]) -> bool:
-    """True where the CPU computes bf16 products in hardware (AVX512-BF16 or AMX-BF16); elsewhere torch emulates
-    bf16 with conversions and it is slower than fp32."""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 def _torch_gemm(n: int, dtype: torch.dtype) -> Callable[[], Any]:
     a, b = torch.rand(n, n).to(dtype), torch.rand(n, n).to(dtype)
