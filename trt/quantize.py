@@ -253,7 +253,7 @@ def quantize_onnx(
     model: str | Path, images: str | Path, out: str | Path, *, bundle: str | Path | None = None,
     test: str | Path | None = None, target: str = "onnxruntime", method: str = "minmax", per_channel: bool = True,
     min_agreement: float = DEFAULT_MIN_AGREEMENT, max_images: int | None = 256, keep_knn_fp32: bool = True,
-    batch: int = 8,
+    batch: int = 8, ops: tuple[str, ...] = QUANT_OPS,
 ) -> dict[str, Any]:
     """Quantise `model` (an fp32 scoring graph from `mae-ad export`) to int8 QDQ at `out` (+ `out.meta.json`).
 
@@ -274,6 +274,8 @@ def quantize_onnx(
         raise UserError(f"--min-agreement {min_agreement}: must be within 0..1")
     if max_images is not None and max_images < 1:
         raise UserError(f"--max-images {max_images}: must be at least 1")
+    if not ops or set(ops) - set(QUANT_OPS):
+        raise UserError(f"--ops {','.join(ops)}: choose among {', '.join(QUANT_OPS)}")
     if out.suffix != ".onnx":
         raise UserError(f"{out}: the output file name must end in .onnx")
     if out.resolve() == model.resolve():
@@ -306,7 +308,7 @@ def quantize_onnx(
         try:
             quantize_static(
                 str(src), str(dst), _Reader(cal_set.paths, size, batch), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANT_OPS), per_channel=per_channel,
+                op_types_to_quantize=list(ops), per_channel=per_channel,
                 activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude, calibrate_method={"minmax": CalibrationMethod.MinMax,
                                                             "percentile": CalibrationMethod.Percentile,
@@ -339,7 +341,7 @@ def quantize_onnx(
                 "target": target, "method": method, "per_channel": per_channel,
                 "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
                 "weights": "int8 symmetric" + (" per channel" if per_channel else ""),
-                "ops": list(QUANT_OPS), "kept_fp32": exclude, "quantize_linear": n_q, "dequantize_linear": n_dq,
+                "ops": list(ops), "kept_fp32": exclude, "quantize_linear": n_q, "dequantize_linear": n_dq,
                 "calibration_images": len(cal_set.paths), "calibration_source": cal_set.name,
                 "threshold": threshold, "min_agreement": min_agreement,
                 "agreement": {("calibration" if i == 0 else "test"): r.as_dict() for i, r in enumerate(results)},

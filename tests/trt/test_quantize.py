@@ -128,6 +128,7 @@ def test_refused_when_decisions_disagree_writes_nothing(fp32_onnx, synthetic_dat
     (["--images", "{good}", "--min-agreement", "1.5"], "--min-agreement 1.5"),
     (["--images", "{good}", "--target", "gpu"], "--target 'gpu'"),
     (["--images", "{good}", "--bundle", "{empty}"], "calibration"),
+    (["--images", "{good}", "--ops", "Conv,Relu"], "--ops Conv,Relu"),
 ])
 def test_bad_input_is_one_error_line_and_writes_nothing(fp32_onnx, synthetic_data, tmp_path, args, message) -> None:
     (tmp_path / "empty").mkdir()
