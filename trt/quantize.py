@@ -20,7 +20,8 @@ is |q|^2 - 2 q.m + |m|^2, a difference of large terms that int8 rounding of q.m 
 
 The decision check: the int8 and the fp32 graph score the calibration images (and the `--test` images); an image
 is anomalous when score > threshold (the graph's own calibrated threshold, from its sidecar or metadata). When
-the share of images with the same decision is below `min_agreement` (default 0.99) the int8 graph is refused:
+the share of images with the same decision, over every image checked (calibration and test together; each set is
+also reported on its own), is below `min_agreement` (default 0.99) the int8 graph is refused:
 a log line says so, nothing is written, and the fp32 graph stays the one to deploy.
 """
 
@@ -31,6 +32,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,18 +237,36 @@ def _preprocess(src: Path, dst: Path) -> Path:
         return src
 
 
+class _DropRootInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextmanager
+def _quiet_root() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs hundreds of INFO lines on the root logger (one per rescaled weight channel);
+    keep its warnings, drop the rest."""
+    f = _DropRootInfo()
+    logging.root.addFilter(f)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(f)
+
+
 class _Reader:
     """A CalibrationDataReader over image files: one batch of `image` per call, None when done."""
 
     def __init__(self, paths: list[Path], size: int, batch: int) -> None:
-        self._it = _batches(paths, size, batch)
+        self._args = (paths, size, batch)
+        self._it = _batches(*self._args)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         x = next(self._it, None)
         return None if x is None else {INPUT_NAME: x}
 
-    def rewind(self) -> None:  # pragma: no cover - required by some calibrators, unused here
-        raise NotImplementedError
+    def rewind(self) -> None:
+        self._it = _batches(*self._args)
 
 
 def quantize_onnx(
@@ -259,7 +279,7 @@ def quantize_onnx(
 
     Returns the record written as the sidecar (`quantization` holds the settings and the agreement figures).
     Raises UserError on bad input (exit 2) and QuantizationRefused when the decisions agree on less than
-    `min_agreement` of the calibration or test images; in both cases nothing is written.
+    `min_agreement` of the calibration and test images together; in both cases nothing is written.
     """
     ort = import_optional("onnxruntime", ORT_INSTALL_HINT)
     import onnx
@@ -296,9 +316,7 @@ def quantize_onnx(
         log.info("kNN distance MatMul kept in fp32: %s", ", ".join(exclude))
     tensorrt = target == "tensorrt"
     extra = {"ActivationSymmetric": tensorrt, "WeightSymmetric": True,
-             "QuantizeBias": not tensorrt,  # TensorRT's DequantizeLinear takes no INT32 (biases stay fp32)
-             # TensorRT fuses Q/DQ only around the compute ops; keep activations between them fp32
-             "QDQKeepRemovableActivations": False}
+             "QuantizeBias": not tensorrt}  # TensorRT's DequantizeLinear takes no INT32 (biases stay fp32)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mae-ad-quant-") as work:
         src = Path(work) / "fp32.onnx"
@@ -306,15 +324,16 @@ def quantize_onnx(
         src = _preprocess(src, Path(work) / "fp32.pre.onnx")
         dst = Path(work) / "int8.onnx"
         try:
-            quantize_static(
-                str(src), str(dst), _Reader(cal_set.paths, size, batch), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(ops), per_channel=per_channel,
-                activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude, calibrate_method={"minmax": CalibrationMethod.MinMax,
-                                                            "percentile": CalibrationMethod.Percentile,
-                                                            "entropy": CalibrationMethod.Entropy}[method],
-                extra_options=extra,
-            )
+            with _quiet_root():
+                quantize_static(
+                    str(src), str(dst), _Reader(cal_set.paths, size, batch), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(ops), per_channel=per_channel,
+                    activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude, calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                                                "percentile": CalibrationMethod.Percentile,
+                                                                "entropy": CalibrationMethod.Entropy}[method],
+                    extra_options=extra,
+                )
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - the quantiser raises many kinds; name it and stop
@@ -349,12 +368,14 @@ def quantize_onnx(
             },
             "parent_onnx": {"path": str(model), "sha256": sha256_file(model)},
         }
-        worst = min(results, key=lambda r: r.fraction)
-        if worst.fraction < min_agreement:
-            log.warning("int8 refused: %s is below the minimum %.2f%%; nothing written, keep %s (fp32)",
-                        worst.line(), 100 * min_agreement, model)
-            raise QuantizationRefused(f"{model}: int8 decisions agree on {worst.fraction:.2%} of the "
-                                      f"{worst.name.split(' ')[0]} images (< {min_agreement:.2%}); keep the fp32 model")
+        n_all, agree_all = sum(r.n for r in results), sum(r.agree for r in results)
+        pooled = agree_all / n_all if n_all else 1.0
+        record["quantization"]["agreement"]["all"] = {"images": n_all, "agree": agree_all, "fraction": pooled}
+        if pooled < min_agreement:
+            log.warning("int8 refused: %d/%d decisions agree with fp32 over every image checked (%.2f%% < %.2f%%); "
+                        "nothing written, keep %s (fp32)", agree_all, n_all, 100 * pooled, 100 * min_agreement, model)
+            raise QuantizationRefused(f"{model}: int8 decisions agree on {pooled:.2%} of the {n_all} images checked "
+                                      f"(< {min_agreement:.2%}); keep the fp32 model")
         if tensorrt:
             from .opcheck import check_graph
 
