@@ -166,7 +166,7 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="write results JSON here")] = None,
     seconds: Annotated[float, typer.Option(help="time per measurement")] = 10.0,
 ) -> None:
-    """Throughput on this machine as a fraction of a large fp32 matmul measured in the same run."""
+    """Throughput on this machine as a fraction of the best fp32 GEMM any installed engine reaches (the ceiling)."""
     from .bench import run_bench
 
     run_bench(what, [p.strip() for p in presets.split(",") if p.strip()], out, seconds)

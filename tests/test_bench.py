@@ -27,3 +27,53 @@ def test_unfused_attention_is_restored(tiny_cfg):
     with unfused_attention(model):
         assert attn.fused_attn is False
     assert attn.fused_attn == before
+
+
+CPUINFO_EPYC = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 avx512_vnni clwb
+"""
+CPUINFO_AVX2 = "model name\t: Intel Core\nflags\t\t: fpu sse2 avx avx2 fma\n"
+
+
+def test_isa_flags_and_native_bf16_from_cpuinfo():
+    from mae_ad.bench import cpu_isa_flags, native_bf16
+
+    epyc = cpu_isa_flags(CPUINFO_EPYC)
+    assert epyc == ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"]
+    assert native_bf16(epyc)
+    avx2 = cpu_isa_flags(CPUINFO_AVX2)
+    assert avx2 == ["avx2", "fma"] and not native_bf16(avx2)
+    assert native_bf16(["amx_tile", "amx_bf16"])
+    assert cpu_isa_flags("no flags here") == []
+
+
+def test_gemm_ceiling_is_the_best_fp32_engine_and_skips_emulated_bf16():
+    from mae_ad.bench import format_ceiling, gemm_ceiling, merge_ceilings
+
+    c = gemm_ceiling(0.01, n=64, flags=["avx2"])  # no native bf16 declared: bf16 is not measured
+    by = {(e["engine"], e["dtype"]): e for e in c["entries"]}
+    assert {("torch", "fp32"), ("onnxruntime", "fp32"), ("numpy", "fp32"), ("torch", "bf16"),
+            ("onnxruntime", "int8")} == set(by)
+    assert "skipped" in by["torch", "bf16"] and "ops_per_s" not in by["torch", "bf16"]
+    fp32 = [e["ops_per_s"] for e in c["entries"] if e["dtype"] == "fp32"]
+    assert len(fp32) == 3 and all(f > 0 for f in fp32)
+    assert c["best_fp32"]["ops_per_s"] == max(fp32)
+    assert by["onnxruntime", "int8"]["ops_per_s"] > 0
+    # a second measurement where one engine did better: the merged ceiling takes each engine's best
+    worse = {**c, "entries": [dict(e) for e in c["entries"]]}
+    better = {**c, "entries": [dict(e) for e in c["entries"]]}
+    better["entries"][2]["ops_per_s"] = 10 * max(fp32)  # numpy
+    m = merge_ceilings(worse, better)
+    assert m["best_fp32"] == {"engine": "numpy", "ops_per_s": 10 * max(fp32)}
+    text = format_ceiling(m)
+    assert "CPU flags: avx2" in text and "skipped: no native bf16" in text and "best fp32" in text
+
+
+def test_gemm_ceiling_measures_bf16_where_declared_native():
+    from mae_ad.bench import gemm_ceiling
+
+    c = gemm_ceiling(0.01, n=64, flags=["avx512_bf16"], engines=("torch",))
+    bf16 = next(e for e in c["entries"] if e["dtype"] == "bf16")
+    assert bf16["ops_per_s"] > 0 and c["best_fp32"]["engine"] == "torch"

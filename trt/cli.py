@@ -1,4 +1,5 @@
-"""Commands of the compile stage, added to `mae-ad` by `register(app)`: merge, export, check-trt, build-engine.
+"""Commands of the compile stage, added to `mae-ad` by `register(app)`: merge, export, quantize, check-trt,
+build-engine.
 
 Heavy modules (torch, onnx, tensorrt) are imported inside each command, so `mae-ad --help` stays light.
 """
@@ -67,6 +68,47 @@ def check_trt(
         raise typer.Exit(1)
 
 
+def quantize(
+    model: Annotated[Path, typer.Argument(help="fp32 ONNX from `mae-ad export`")],
+    images: Annotated[Path, typer.Option(
+        "--images", help="normal images to calibrate on: a folder of images, or a dataset root (train/good)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="int8 ONNX file to create (model.int8.onnx)")],
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", help="with a dataset root as --images: calibrate on this bundle's held-back images only")] = None,
+    test: Annotated[Path | None, typer.Option(
+        "--test", help="also check decisions on these images (a folder, or test/ with class folders)")] = None,
+    target: Annotated[str, typer.Option(
+        help="onnxruntime (uint8 activations, fastest on CPU) or tensorrt (symmetric int8, Q/DQ for TensorRT)")
+                      ] = "onnxruntime",
+    method: Annotated[str, typer.Option(help="calibration: minmax, percentile or entropy")] = "minmax",
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="weight scales")] = True,
+    min_agreement: Annotated[float, typer.Option(
+        "--min-agreement", help="refuse the int8 model below this share of fp32 decisions reproduced")] = 0.99,
+    max_images: Annotated[int, typer.Option("--max-images", help="at most this many images per set")] = 256,
+    keep_knn_fp32: Annotated[bool, typer.Option(
+        "--keep-knn-fp32/--quantize-knn", help="leave the kNN distance MatMul in fp32")] = True,
+    ops: Annotated[str, typer.Option(help="op types made int8 (MatMul,Gemm: the transformer only, a CNN "
+                                          "backbone's Conv stays fp32)")] = "Conv,MatMul,Gemm",
+    verbose: Verbose = False,
+) -> None:
+    """INT8 post-training quantisation (ONNX Runtime, QDQ, calibrated on normal images), kept only if it reproduces
+    the fp32 decisions at the model's threshold; exit 1 and nothing written when it does not."""
+    _logging(verbose)
+    from .quantize import QuantizationRefused, quantize_onnx
+
+    try:
+        rec = quantize_onnx(model, images, out, bundle=bundle, test=test, target=target, method=method,
+                            per_channel=per_channel, min_agreement=min_agreement, max_images=max_images,
+                            keep_knn_fp32=keep_knn_fp32,
+                            ops=tuple(o.strip() for o in ops.split(",") if o.strip()))
+    except QuantizationRefused as e:
+        typer.echo(f"refused: {e}", err=True)
+        raise typer.Exit(1) from None
+    for name, a in rec["quantization"]["agreement"].items():
+        typer.echo(f"{name}: {a['agree']}/{a['images']} decisions agree ({a['fraction']:.2%})")
+    typer.echo(str(out))
+
+
 def build_engine(
     model: Annotated[Path, typer.Argument(help="ONNX model from `mae-ad export`")],
     out: Annotated[Path, typer.Option("--out", "-o", help="engine file to create (model.plan)")],
@@ -132,4 +174,5 @@ def register(app: typer.Typer) -> None:
     app.command("merge")(merge)
     app.command("export")(export)
     app.command("check-trt")(check_trt)
+    app.command("quantize")(quantize)
     app.command("build-engine")(build_engine)

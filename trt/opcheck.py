@@ -64,6 +64,15 @@ TRT10_OPS: dict[str, OpSupport] = {
                            "tf_half_pixel_for_nn, asymmetric, align_corners; no antialias"),
     "BatchNormalization": OpSupport(F), "MaxPool": OpSupport(F, "2D or 3D pooling only"),
     "GlobalAveragePool": OpSupport(F),
+    "Ceil": OpSupport(F), "Floor": OpSupport(F),  # the torchscript exporter's TF-"same" padding arithmetic
+    # explicit quantisation (`mae-ad quantize --target tensorrt`): TensorRT takes symmetric int8 Q/DQ only
+    "QuantizeLinear": OpSupport(F, "`y_zero_point` must be 0 (symmetric), typed INT8/FP8/INT4 (absent = UINT8)"),
+    "DequantizeLinear": OpSupport("INT8, FP8, INT4", "`x_zero_point` must be zero; no UINT8 input"),
+    "DynamicQuantizeLinear": OpSupport("", "not supported", False),
+    "QLinearConv": OpSupport("", "not supported (use the QDQ format)", False),
+    "QLinearMatMul": OpSupport("", "not supported (use the QDQ format)", False),
+    "MatMulInteger": OpSupport("", "not in TensorRT's ONNX matrix", False),
+    "ConvInteger": OpSupport("", "not in TensorRT's ONNX matrix", False),
     # Explicitly unsupported ones an exporter could emit
     "Unique": OpSupport("", "not supported", False), "Bernoulli": OpSupport("", "not supported", False),
     "ConcatFromSequence": OpSupport("", "not supported", False),
@@ -94,8 +103,10 @@ class _Constants:
 
         self.names: set[str] = set()
         self.values: dict[str, Any] = {}
+        self.dtypes: dict[str, int] = {}  # onnx.TensorProto data types of initializers and Constant values
         for init in graph.initializer:
             self.names.add(init.name)
+            self.dtypes[init.name] = init.data_type
             if not init.data_location:  # external data not loaded: constant, value unknown
                 try:
                     self.values[init.name] = numpy_helper.to_array(init)
@@ -107,8 +118,11 @@ class _Constants:
                 for a in node.attribute:
                     if a.name == "value":
                         self.values[node.output[0]] = numpy_helper.to_array(a.t)
+                        self.dtypes[node.output[0]] = a.t.data_type
             elif node.op_type in ("Identity", "Cast") and node.input[0] in self.names:
                 self.names.add(node.output[0])
+                if node.op_type == "Identity" and node.input[0] in self.dtypes:
+                    self.dtypes[node.output[0]] = self.dtypes[node.input[0]]
                 if node.input[0] in self.values:
                     self.values[node.output[0]] = self.values[node.input[0]]
 
@@ -124,6 +138,37 @@ def _attr(node: Any, name: str, default: Any = None) -> Any:
             v = helper.get_attribute_value(a)
             return v.decode() if isinstance(v, bytes) else v
     return default
+
+
+# onnx.TensorProto data types TensorRT's Q/DQ take as the quantised side: INT8, FLOAT8E4M3FN, INT4
+_TRT_QUANT_TYPES = {3: "INT8", 17: "FLOAT8E4M3FN", 22: "INT4"}
+_ONNX_TYPE_NAMES = {1: "FLOAT", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64", 10: "FLOAT16",
+                    16: "BFLOAT16",
+                    17: "FLOAT8E4M3FN", 18: "FLOAT8E4M3FNUZ", 19: "FLOAT8E5M2", 20: "FLOAT8E5M2FNUZ", 21: "UINT4",
+                    22: "INT4"}
+
+
+def _qdq_issues(node: Any, consts: _Constants, label: str) -> list[str]:
+    """TensorRT's Q/DQ restrictions: the zero point is a constant 0 of a signed quantised type (symmetric
+    quantisation); a missing QuantizeLinear zero point means UINT8 output, which TensorRT does not take."""
+    errors: list[str] = []
+    zp = node.input[2] if len(node.input) > 2 else ""
+    if not zp:
+        if node.op_type == "QuantizeLinear" and _attr(node, "output_dtype", 0) not in _TRT_QUANT_TYPES:
+            errors.append(f"{label}: no y_zero_point (UINT8 output)")
+        elif node.op_type == "DequantizeLinear" and node.input[0] in consts.dtypes and \
+                consts.dtypes[node.input[0]] not in _TRT_QUANT_TYPES:
+            xt = consts.dtypes[node.input[0]]
+            errors.append(f"{label}: {_ONNX_TYPE_NAMES.get(xt, xt)} input")
+        return errors
+    if not consts.is_const(zp):
+        return [f"{label}: zero point computed at run time"]
+    t = consts.dtypes.get(zp)
+    if t is not None and t not in _TRT_QUANT_TYPES:
+        errors.append(f"{label}: {_ONNX_TYPE_NAMES.get(t, t)} zero point (asymmetric; TensorRT takes INT8 with 0)")
+    if zp in consts.values and (consts.values[zp].astype("float64") != 0).any():
+        errors.append(f"{label}: non-zero zero point")
+    return errors
 
 
 def _node_issues(node: Any, consts: _Constants, consumed: set[str]) -> tuple[list[str], list[str]]:
@@ -170,6 +215,8 @@ def _node_issues(node: Any, consts: _Constants, consumed: set[str]) -> tuple[lis
         idx = node.input[1]
         if idx in consts.values and (consts.values[idx] < 0).any():
             warns.append(f"{label}: negative constant indices")
+    elif op in ("QuantizeLinear", "DequantizeLinear"):
+        errors += _qdq_issues(node, consts, label)
     elif op == "Constant" and any(a.name in ("sparse_value", "value_string", "value_strings") for a in node.attribute):
         errors.append(f"{label}: string or sparse constant")
     return errors, warns
