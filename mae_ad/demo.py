@@ -48,6 +48,7 @@ DEMO_OVERRIDES = [
     "train.log_every=20",
     "calibration.holdout_fraction=0.2",
     "calibration.target_fpr=0.05",
+    "calibration.stats_source=train",
 ]
 
 
@@ -71,7 +72,8 @@ def run_demo(out: Path, minutes: float = 2.0, fresh: bool = True, agent_seconds:
     (out / "demo.json").write_text(json.dumps(summary))
 
     _say(f"[1/3 learn] writing a synthetic product dataset to {out / 'data'}")
-    data = write_dataset(out / "data", n_train=80, n_test_good=20, n_test_defect=8, size=160, seed=0)
+    # JPEG like the frames of the MJPEG video the agent watches: a feature backbone sees compression artefacts
+    data = write_dataset(out / "data", n_train=80, n_test_good=20, n_test_defect=8, size=160, seed=0, ext=".jpg")
     cfg = load_config(None, DEMO_OVERRIDES + [f"train.max_minutes={minutes}"])
     _say(f"[1/3 learn] training {cfg.name} for up to {minutes:g} min (normal images only)")
     from .train import run_training
