@@ -308,6 +308,16 @@ class Scorer(nn.Module):
                 getattr(self, n).copy_(tensors[n].view_as(getattr(self, n)))
 
 
+def valid_scores(maps: torch.Tensor, placements: list[Any], scoring: Any) -> np.ndarray:
+    """Image scores float64 [N] from model-size maps [N, 1, S, S], each over its image's valid region
+    (`contract.score_valid` with scoring.reduce / scoring.topk_fraction)."""
+    from .contract import score_valid
+
+    m = maps[:, 0].float().cpu().numpy()
+    return np.array([score_valid(m[i], p, scoring.reduce, scoring.topk_fraction) for i, p in enumerate(placements)],
+                    np.float64)
+
+
 @torch.no_grad()
 def score_batches(scorer: Scorer, images: torch.Tensor, batch_size: int = 8, raw: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,7 +337,8 @@ def score_batches(scorer: Scorer, images: torch.Tensor, batch_size: int = 8, raw
 
 @torch.no_grad()
 def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_size: int = 8,
-              stats_images: torch.Tensor | None = None, stats_owner: torch.Tensor | None = None) -> dict[str, Any]:
+              stats_images: torch.Tensor | None = None, stats_owner: torch.Tensor | None = None,
+              placements: list[Any] | None = None) -> dict[str, Any]:
     """Fit the decision threshold (and, with scoring.normalize=position, the per-pixel normal statistics) on
     normal images only. `images` are held-back normals. With position normalisation and no `stats_images` they are
     split in two halves: the statistics come from the first, the threshold from the second, so the threshold is
@@ -336,6 +347,8 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     With scoring.knn_weight the kNN memory must be set (`Scorer.set_knn_memory`); its map gets its own per-pixel
     statistics from the same images, and `stats_owner` [N] (the memory owner id of each training stats image)
     keeps each training image from matching its own cells.
+    `placements` (data.resize=letterbox: each of `images`' `contract.Placement`): threshold scores are taken over
+    each image's valid region only (`contract.score_valid`), as evaluation, predict and the agent take them.
     """
     n = images.shape[0]
     if n < 2:
@@ -365,8 +378,10 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
             feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:i + batch_size]))
                                for i in range(0, n_stats, batch_size)])
             scorer.set_cell_stats(*normal_statistics(feats, floor_share=0.1, eps=1e-6))
-    _, scores = score_batches(scorer, images[stats_n:], batch_size)
+    thr_maps, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()
+    if placements is not None and not all(p.full for p in placements):
+        s = valid_scores(thr_maps, placements[stats_n:], scorer.cfg.scoring)
     threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
     return {
         "threshold": threshold,
