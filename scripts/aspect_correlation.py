@@ -20,6 +20,14 @@ from scipy.stats import spearmanr
 from mae_ad.data import image_shape
 
 
+def rho(score: np.ndarray, x: np.ndarray, sel: np.ndarray) -> float:
+    return float(spearmanr(score[sel], x[sel]).statistic)
+
+
+def fmt(v: object) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+", type=Path, help="evaluation report folders (metrics.json, scores.csv)")
@@ -38,14 +46,9 @@ def main() -> None:
         score = np.array([float(r["score"]) for r in rows])
         good = np.array([r["label"] == "0" for r in rows])
 
-        def rho(x: np.ndarray, sel: np.ndarray) -> float:
-            return float(spearmanr(score[sel], x[sel]).statistic)
-
-        def fmt(v: object) -> str:
-            return f"{v:.3f}" if isinstance(v, float) else "-"
-
         print(f"| `{rep}` | {m.get('resize', 'squash')} | {m.get('eval_size')} | {int(good.sum())} | "
-              f"{rho(aspect, good):+.3f} | {rho(width, good):+.3f} | {rho(aspect, np.ones_like(good)):+.3f} | "
+              f"{rho(score, aspect, good):+.3f} | {rho(score, width, good):+.3f} | "
+              f"{rho(score, aspect, np.ones_like(good)):+.3f} | "
               f"{fmt(m.get('image_auroc'))} | {fmt(m.get('pixel_auroc'))} | {fmt(m.get('aupro'))} | "
               f"{fmt(m.get('f1'))} |")
 

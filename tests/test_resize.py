@@ -210,3 +210,26 @@ def test_evaluate_predict_and_agent_score_alike(letterbox_bundle, tmp_path):
     assert {cv2.imread(str(m), cv2.IMREAD_GRAYSCALE).shape for m in maps} == \
         {(placement(*cv2.imread(str(p)).shape[:2], 32, "letterbox").height,
           placement(*cv2.imread(str(p)).shape[:2], 32, "letterbox").width) for p in files}
+
+
+def test_position_statistics_ignore_the_fill():
+    """Per-pixel normal statistics count an image only where it is valid: extreme values on the fill of the maps
+    change nothing at pixels valid in enough images; pixels valid in too few keep the all-image statistics."""
+    from mae_ad.scoring import _valid_masks, normal_statistics, valid_normal_statistics
+
+    rng = np.random.default_rng(2)
+    places = [placement(*hw, 16, "letterbox") for hw in [(8, 16), (16, 8), (16, 16), (10, 16), (16, 12)] * 2]
+    valid = _valid_masks(places)
+    maps = torch.from_numpy(rng.random((len(places), 1, 16, 16)).astype(np.float32))
+    hot = maps.masked_fill(~valid, 1e4)
+    m1, s1 = valid_normal_statistics(maps, valid, 0.25, 1e-8)
+    m2, s2 = valid_normal_statistics(hot, valid, 0.25, 1e-8)
+    enough = valid.sum(dim=0, keepdim=True) >= 3
+    assert enough.any() and not enough.all()
+    assert torch.allclose(m1[enough], m2[enough]) and torch.allclose(s1[enough], s2[enough])
+    assert float(m2[enough].max()) < 1.0  # the fill's 1e4 never entered
+    m0, s0 = normal_statistics(hot, 0.25, 1e-8)
+    assert torch.equal(m2[~enough], m0[~enough])
+    # squash (all valid): exactly the plain statistics
+    m3, s3 = valid_normal_statistics(maps, torch.ones_like(valid), 0.25, 1e-8)
+    assert torch.equal(m3, normal_statistics(maps, 0.25, 1e-8)[0])
