@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mae_ad.contract import UserError
+from mae_ad.contract import RESIZE_POLICIES, UserError
 
 from .backend import Backend, model_threshold, open_backend
 from .capture import ENDED, FAILED, PAUSED, STREAMING, CameraReader, Frame, opencv_line
@@ -33,7 +33,7 @@ from .decide import AlertTracker, iso
 from .evidence import EvidenceStore, encode_jpeg
 from .mqtt import MqttLink
 from .mqtt import preflight as mqtt_preflight
-from .preprocess import anomalous_box, box_to_frame, overlay, preprocess
+from .preprocess import anomalous_box, box_to_frame, overlay, preprocess, valid_view
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class Agent:
         self._engine_win = [0.0, 0, 0]  # engine seconds, batches, frames since the last stats message
         self._last_stats = time.monotonic()
         self.default_threshold: float | None = None
+        self.resize, self.reduce, self.topk_fraction = "squash", "max", 0.01  # set from the model's metadata
 
     # --- thresholds -------------------------------------------------------------------------------------------
     def threshold_of(self, cs: CameraState) -> tuple[float, str]:
@@ -137,6 +138,13 @@ class Agent:
         b = self.backend
         self.model_id = str(b.meta.get("model_id", "?"))
         self.default_threshold = model_threshold(b)
+        # the model's resize policy and score rule, from its metadata (models without it were squashed)
+        self.resize = str((b.meta.get("input") or {}).get("resize", "squash"))
+        if self.resize not in RESIZE_POLICIES:
+            raise UserError(f"model.path={cfg.model.path}: unknown input.resize {self.resize!r} in the model "
+                            f"metadata (this agent knows {', '.join(RESIZE_POLICIES)})")
+        sc = b.meta.get("scoring") or {}
+        self.reduce, self.topk_fraction = str(sc.get("reduce", "max")), float(sc.get("topk_fraction", 0.01))
         for i, cam in enumerate(cfg.cameras):
             if not cam.enabled:
                 continue
@@ -298,7 +306,7 @@ class Agent:
         assert self.backend is not None and self.link is not None
         size = self.backend.input_size
         t0 = time.monotonic()
-        prepped = [preprocess(f.image, cs.cam, size) for cs, f in batch]
+        prepped = [preprocess(f.image, cs.cam, size, self.resize) for cs, f in batch]
         x = np.stack([p[0] for p in prepped])
         t1 = time.monotonic()
         maps, scores = self.backend.infer(x)
@@ -313,7 +321,9 @@ class Agent:
         self.timer.add("engine", (t2 - t1) / n, n)
         for j, (cs, f) in enumerate(batch):
             self.timer.add("capture", t0 - f.t_read_start)
-            self._decide_publish(cs, f, prepped[j][1], prepped[j][2], maps[j], float(scores[j]),
+            amap, rgb, score = valid_view(maps[j], prepped[j][2], float(scores[j]), prepped[j][1], self.reduce,
+                                          self.topk_fraction)
+            self._decide_publish(cs, f, prepped[j][1], rgb, amap, score,
                                  {"capture": t0 - f.t_read_start, "preprocess": (t1 - t0) / n, "engine": (t2 - t1) / n})
         if self.first_score_s is None:
             self.first_score_s = time.monotonic() - self.t_start

@@ -1,7 +1,10 @@
 """Frame -> engine input: region of interest, colour conversion, resize, float32 CHW in [0, 1].
 
 Normalisation (mean/std) is part of the exported graph, so the agent only delivers RGB in [0, 1], the contract of
-`mae_ad.contract.INPUT_NAME`. Boxes found in the model's square input are mapped back to frame pixels here too.
+`mae_ad.contract.INPUT_NAME`. The resize follows the model's policy (input.resize in its metadata: squash or
+letterbox) through `mae_ad.contract.fit_image`, the function training and evaluation use; under letterbox the map
+and score are taken over the image's valid region only (`valid_view`). Boxes found in the model's input are mapped
+back to frame pixels here too.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from mae_ad.contract import Placement, fit_image, score_valid
 
 from .config import CameraSection
 
@@ -22,6 +27,7 @@ class Crop:
     y: int
     w: int
     h: int
+    place: Placement | None = None  # where the ROI lies in the model's square input (None: squashed into all of it)
 
 
 def roi_crop(frame_shape: tuple[int, ...], cam: CameraSection) -> Crop:
@@ -47,21 +53,39 @@ def to_rgb(img: np.ndarray, colour: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def preprocess(frame: np.ndarray, cam: CameraSection, size: int) -> tuple[np.ndarray, Crop, np.ndarray]:
-    """-> (input float32 [3, S, S] RGB in [0, 1], crop, resized RGB uint8 [S, S, 3] for overlays)."""
+def preprocess(frame: np.ndarray, cam: CameraSection, size: int, resize: str = "squash"
+               ) -> tuple[np.ndarray, Crop, np.ndarray]:
+    """-> (input float32 [3, S, S] RGB in [0, 1], crop (with its placement), resized RGB uint8 [S, S, 3] for
+    overlays). `resize`: the model's policy, 'squash' or 'letterbox' (`mae_ad.contract.fit_image`)."""
     crop = roi_crop(frame.shape, cam)
     roi = frame[crop.y:crop.y + crop.h, crop.x:crop.x + crop.w]
-    interp = cv2.INTER_AREA if (crop.w > size or crop.h > size) else cv2.INTER_LINEAR
-    small = cv2.resize(roi, (size, size), interpolation=interp)
+    small, place = fit_image(roi, size, resize)
+    crop = Crop(crop.x, crop.y, crop.w, crop.h, place)
     rgb = to_rgb(small, cam.colour)
     chw = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
     chw *= 1.0 / 255.0
     return chw, crop, rgb
 
 
+def valid_view(amap: np.ndarray, rgb: np.ndarray, score: float, crop: Crop, reduce: str = "max",
+               topk_fraction: float = 0.01) -> tuple[np.ndarray, np.ndarray, float]:
+    """The map [S, S] (or [1, S, S]), overlay image [S, S, 3] and score of one frame, restricted to the ROI's valid
+    region under letterbox (map [h, w], image [h, w, 3], score over the valid pixels by the model's reduce rule);
+    unchanged under squash."""
+    pl = crop.place
+    if pl is None or pl.full:
+        return amap, rgb, score
+    m = amap.reshape(amap.shape[-2], amap.shape[-1])
+    sl = (slice(pl.top, pl.top + pl.height), slice(pl.left, pl.left + pl.width))
+    return np.ascontiguousarray(m[sl]), np.ascontiguousarray(rgb[sl]), score_valid(m, pl, reduce, topk_fraction)
+
+
 def box_to_frame(box: tuple[int, int, int, int], crop: Crop, size: int) -> list[int]:
-    """A box [x0, y0, x1, y1) in model-input pixels -> the same box in frame pixels."""
-    sx, sy = crop.w / size, crop.h / size
+    """A box [x0, y0, x1, y1) in map pixels -> the same box in frame pixels. The map is the model-size square
+    (squash) or, for a letterboxed crop, its valid region (`valid_view`)."""
+    pl = crop.place
+    mw, mh = (pl.width, pl.height) if pl is not None and not pl.full else (size, size)
+    sx, sy = crop.w / mw, crop.h / mh
     x0, y0, x1, y1 = box
     return [int(crop.x + x0 * sx), int(crop.y + y0 * sy), int(round(crop.x + x1 * sx)), int(round(crop.y + y1 * sy))]
 
@@ -98,6 +122,8 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, threshold: float, box: tuple[int,
     out = cv2.addWeighted(bgr, 0.55, heat, 0.45, 0.0)
     if box is not None:
         cv2.rectangle(out, (box[0], box[1]), (max(box[0], box[2] - 1), max(box[1], box[3] - 1)), (255, 255, 255), 1)
-    if out_size and out_size != out.shape[0]:
-        out = cv2.resize(out, (out_size, out_size), interpolation=cv2.INTER_NEAREST)
+    if out_size and out_size != max(out.shape[:2]):  # the longer side becomes out_size (a letterboxed map is not square)
+        f = out_size / max(out.shape[:2])
+        out = cv2.resize(out, (max(1, round(out.shape[1] * f)), max(1, round(out.shape[0] * f))),
+                         interpolation=cv2.INTER_NEAREST)
     return out

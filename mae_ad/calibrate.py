@@ -17,8 +17,8 @@ import torch
 
 from .bundle import load_bundle, staged_dir, write_bundle_files
 from .config import Config, apply_overrides, config_from_dict
-from .contract import UserError, read_calibration
-from .data import index_dataset, load_stack, stats_training_paths
+from .contract import Placement, UserError, read_calibration
+from .data import index_dataset, load_stack, load_stack_placed, stats_training_paths
 from .scoring import Scorer, calibrate
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,16 @@ ALLOWED_PREFIXES = ("scoring.", "calibration.target_fpr", "calibration.stats_sou
 def training_stats_images(cfg: Config, train_paths: Callable[[], list[Path]]) -> torch.Tensor | None:
     """The images position statistics are fitted on when calibration.stats_source=train (None otherwise: the
     first half of the held-back images). `train_paths` is called only then."""
+    return training_stats_placed(cfg, train_paths)[0]
+
+
+def training_stats_placed(cfg: Config, train_paths: Callable[[], list[Path]]
+                          ) -> tuple[torch.Tensor | None, list[Placement] | None]:
+    """`training_stats_images` and each image's `Placement` (data.resize), or (None, None)."""
     if cfg.calibration.stats_source != "train" or cfg.scoring.normalize != "position":
-        return None
-    return torch.from_numpy(load_stack(stats_training_paths(train_paths()), cfg.model.img_size))
+        return None, None
+    arr, places = load_stack_placed(stats_training_paths(train_paths()), cfg.model.img_size, cfg.data.resize)
+    return torch.from_numpy(arr), places
 
 
 def fit_knn_memory(scorer: Scorer, cfg: Config, train_paths: list[Path], tokens: torch.Tensor | None = None,
@@ -45,7 +52,8 @@ def fit_knn_memory(scorer: Scorer, cfg: Config, train_paths: list[Path], tokens:
         dev = scorer.knn_mean.device
         with torch.no_grad():
             tokens = torch.cat([scorer.normalise_input(torch.from_numpy(load_stack(train_paths[i:i + batch_size],
-                                                                                    cfg.model.img_size)).to(dev))
+                                                                                    cfg.model.img_size,
+                                                                                    cfg.data.resize)).to(dev))
                                 for i in range(0, len(train_paths), batch_size)])
     n, c, gh, gw = tokens.shape
     cells = tokens.permute(0, 2, 3, 1).reshape(-1, c)
@@ -88,11 +96,12 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     cfg, model, meta = load_bundle(bundle)
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{bundle} (with --set {overrides})")
     scorer = Scorer(model, cfg).eval()
-    images = torch.from_numpy(load_stack(paths, cfg.model.img_size))
-    stats_images = training_stats_images(cfg, lambda: _bundle_training_paths(data, holdout))
+    arr, places = load_stack_placed(paths, cfg.model.img_size, cfg.data.resize)
+    images = torch.from_numpy(arr)
+    stats_images, stats_places = training_stats_placed(cfg, lambda: _bundle_training_paths(data, holdout))
     owner = fit_knn_memory(scorer, cfg, _bundle_training_paths(data, holdout)) if scorer.knn_weight > 0 else None
     cal = calibrate(scorer, images, cfg.calibration.target_fpr, batch_size=batch_size, stats_images=stats_images,
-                    stats_owner=owner)
+                    stats_owner=owner, placements=places, stats_placements=stats_places)
     cal["holdout_images"] = holdout
     cal["recalibrated_from"] = meta.get("model_id")
     extra = {k: v for k, v in meta.items() if k == "training"}

@@ -103,6 +103,9 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="images per scoring batch")] = 8,
     baseline: Annotated[bool, typer.Option(help="also compute the training-free baseline (kNN on the model's "
                                            "backbone features, or patch statistics) on the same split")] = True,
+    eval_size: Annotated[str, typer.Option("--eval-size", help="where maps meet masks: 'original' (each image's "
+                                           "own size, maps upsampled, as MVTec AD) or 'model' (the model's input "
+                                           "size)")] = "original",
     verbose: Verbose = False,
 ) -> None:
     """Image/pixel AUROC, AUPRO, F1 at the calibrated threshold, the training-free baseline beside;
@@ -110,7 +113,7 @@ def evaluate(
     setup_logging(verbose)
     from .evaluate import run_evaluation
 
-    metrics = run_evaluation(bundle, data, out, batch_size=batch_size, baseline=baseline)
+    metrics = run_evaluation(bundle, data, out, batch_size=batch_size, baseline=baseline, eval_size=eval_size)
     typer.echo(" ".join(f"{k}={metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1")
                         if isinstance(metrics.get(k), float)))
 

@@ -220,6 +220,10 @@ class DataConfig(Section):
     normalize: Literal["dataset", "per_image"] = "dataset"
     num_workers: int = Field(0, ge=0)
     cache: bool = True  # keep decoded, resized training images in memory
+    # How an image becomes the model's square input (mae_ad.contract.fit_image), the same in training, calibration,
+    # evaluation, predict and the agent. squash: resized to S x S (aspect ratio lost). letterbox: aspect ratio kept,
+    # the rest of the square filled by reflection and ignored in maps and scores.
+    resize: Literal["squash", "letterbox"] = "squash"
 
 
 class TrainConfig(Section):

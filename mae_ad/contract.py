@@ -140,3 +140,118 @@ def read_calibration(path: str | os.PathLike[str]) -> dict[str, Any]:
     if "threshold" not in cal:
         raise UserError(f"{p}: key 'threshold' missing")
     return cal
+
+
+# --- resize policy: how an image of any shape becomes the model's square input ------------------------------------
+# squash: the whole image resized to S x S (aspect ratio not kept; every pixel of the input is the image).
+# letterbox: resized so its longer side is S (aspect ratio kept), centred, and the rest of the square filled by
+#   mirroring the image at its edges (numpy "reflect"). Mirrored content rather than a constant colour: a pretrained
+#   backbone and the MAE see no artificial edge at the border of the image, and a filled cell looks like normal
+#   content, not like a flat defect. The filled part is then ignored: the map there is set to the valid minimum and
+#   the image score is taken over the valid region only (`score_valid`).
+# Every stage (training, calibration, evaluation, predict, the agent) goes through `fit_image` and `Placement`, and
+# the bundle/ONNX metadata record the policy as input.resize; the exported graph keeps its fixed square input.
+RESIZE_POLICIES = ("squash", "letterbox")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image of `src_h` x `src_w` pixels lies in the model's `size` x `size` input: the valid region is
+    rows top..top+height, columns left..left+width (the whole square for squash)."""
+
+    size: int
+    top: int
+    left: int
+    height: int
+    width: int
+    src_h: int
+    src_w: int
+
+    @property
+    def full(self) -> bool:
+        return self.top == 0 and self.left == 0 and self.height == self.size and self.width == self.size
+
+
+def placement(src_h: int, src_w: int, size: int, policy: str = "squash") -> Placement:
+    """The `Placement` of an image of src_h x src_w pixels (>= 1 each) under `policy` ('squash' or 'letterbox').
+    Letterbox: the longer side becomes `size`, the shorter round(side * size / longer) (at least 1), centred (an
+    odd leftover puts the extra pixel after the image). Raises ValueError for an unknown policy or empty image."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"data.resize: unknown policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
+    if src_h < 1 or src_w < 1 or size < 1:
+        raise ValueError(f"cannot place a {src_w}x{src_h} image in a {size}x{size} input")
+    if policy == "squash":
+        return Placement(size, 0, 0, size, size, src_h, src_w)
+    scale = size / max(src_h, src_w)
+    h = min(size, max(1, int(round(src_h * scale))))
+    w = min(size, max(1, int(round(src_w * scale))))
+    return Placement(size, (size - h) // 2, (size - w) // 2, h, w, src_h, src_w)
+
+
+def fit_image(img: Any, size: int, policy: str = "squash") -> tuple[Any, Placement]:
+    """An image [H, W] or [H, W, C] (any dtype cv2 resizes) -> ([S, S] or [S, S, C] of the same dtype, placement).
+    Resize: area averaging when both sides shrink, else bilinear; letterbox fills the rest by reflection."""
+    import cv2
+    import numpy as np
+
+    pl = placement(int(img.shape[0]), int(img.shape[1]), size, policy)
+    if (pl.src_h, pl.src_w) != (pl.height, pl.width):
+        shrink = pl.height < pl.src_h and pl.width < pl.src_w
+        img = cv2.resize(np.ascontiguousarray(img), (pl.width, pl.height),
+                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if pl.full:
+        return img, pl
+    pad = [(pl.top, size - pl.top - pl.height), (pl.left, size - pl.left - pl.width)] + [(0, 0)] * (img.ndim - 2)
+    return np.pad(img, pad, mode="reflect"), pl
+
+
+def valid_mask(pl: Placement) -> Any:
+    """bool [S, S]: True on the image, False on the letterbox fill."""
+    import numpy as np
+
+    m = np.zeros((pl.size, pl.size), bool)
+    m[pl.top:pl.top + pl.height, pl.left:pl.left + pl.width] = True
+    return m
+
+
+def crop_valid(amap: Any, pl: Placement) -> Any:
+    """A model-size map [..., S, S] -> its valid region [..., height, width] (a view)."""
+    return amap[..., pl.top:pl.top + pl.height, pl.left:pl.left + pl.width]
+
+
+def mask_fill(amap: Any, pl: Placement) -> Any:
+    """A model-size map [..., S, S] with the letterbox fill set to the valid region's minimum (a copy; the map
+    itself for squash), so a heatmap or a box never shows the fill."""
+    if pl.full:
+        return amap
+    import numpy as np
+
+    out = np.array(amap, copy=True)
+    lo = crop_valid(out, pl).min()
+    out[..., ~valid_mask(pl)] = lo
+    return out
+
+
+def score_valid(amap: Any, pl: Placement, reduce: str = "max", topk_fraction: float = 0.01) -> float:
+    """The image score from a model-size map [S, S] (or [1, S, S]) over the valid region only: its maximum, or
+    (reduce='topk_mean') the mean of its round(topk_fraction * valid pixels) largest values (at least 1), the rule
+    of `Scorer.reduce_map` applied to the image's own pixels."""
+    import numpy as np
+
+    v = np.asarray(crop_valid(amap, pl), dtype=np.float64).reshape(-1)
+    if reduce == "max":
+        return float(v.max())
+    k = max(1, int(round(topk_fraction * v.size)))
+    return float(np.partition(v, v.size - k)[v.size - k:].mean())
+
+
+def map_to_source(amap: Any, pl: Placement) -> Any:
+    """A model-size map [S, S] -> float32 [src_h, src_w]: the valid region cropped, then resized bilinearly to
+    the image's own size (the map is upsampled, a mask never needs to be downsampled)."""
+    import cv2
+    import numpy as np
+
+    v = np.ascontiguousarray(crop_valid(np.asarray(amap, dtype=np.float32).reshape(pl.size, pl.size), pl))
+    if v.shape == (pl.src_h, pl.src_w):
+        return v
+    return cv2.resize(v, (pl.src_w, pl.src_h), interpolation=cv2.INTER_LINEAR)

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .contract import UserError
+from .contract import Placement, UserError, fit_image
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,18 @@ def to_unit_float(img: np.ndarray, source: str = "image", bits: int | None = Non
     return img.astype(np.float32) / float((1 << bits) - 1)
 
 
-def read_image(path: str | Path, size: int | None = None) -> np.ndarray:
-    """Read an image as RGB float32 [3, S, S] in [0, 1] (bilinear/area resize to `size`), by the orientation and
-    bit-depth rules of `decode_image_depth`. Raises UserError naming the file."""
+def read_image(path: str | Path, size: int | None = None, resize: str = "squash") -> np.ndarray:
+    """Read an image as RGB float32 [3, S, S] in [0, 1] (bilinear/area resize to `size` by the `resize` policy,
+    `contract.fit_image`), by the orientation and bit-depth rules of `decode_image_depth`. Raises UserError naming
+    the file."""
+    return read_image_placed(path, size, resize)[0]
+
+
+def read_image_placed(path: str | Path, size: int | None = None, resize: str = "squash"
+                      ) -> tuple[np.ndarray, Placement | None]:
+    """`read_image` and where the image lies in the square input (None when `size` is None: not resized)."""
     img, bits = decode_image_depth(path)
-    return to_rgb_float(img, size, source=str(path), bits=bits)
+    return to_rgb_float_placed(img, size, source=str(path), bits=bits, resize=resize)
 
 
 def read_display_bgr(path: str | Path) -> np.ndarray:
@@ -128,9 +135,15 @@ def read_display_bgr(path: str | Path) -> np.ndarray:
 
 
 def to_rgb_float(img: np.ndarray, size: int | None = None, source: str = "image", bgr: bool = True,
-                 bits: int | None = None) -> np.ndarray:
+                 bits: int | None = None, resize: str = "squash") -> np.ndarray:
     """Any decoded image (gray, gray+alpha, BGR, BGRA; 8 or 16 bit) -> RGB float32 [3, S, S] in [0, 1]
-    (divided by 2^bits - 1; `bits` None: by the bit-depth rule)."""
+    (divided by 2^bits - 1; `bits` None: by the bit-depth rule; resized by the `resize` policy)."""
+    return to_rgb_float_placed(img, size, source, bgr, bits, resize)[0]
+
+
+def to_rgb_float_placed(img: np.ndarray, size: int | None = None, source: str = "image", bgr: bool = True,
+                        bits: int | None = None, resize: str = "squash") -> tuple[np.ndarray, Placement | None]:
+    """`to_rgb_float` and the image's `Placement` in the square input (None when `size` is None)."""
     img = to_unit_float(img, source, bits)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
@@ -144,10 +157,10 @@ def to_rgb_float(img: np.ndarray, size: int | None = None, source: str = "image"
         raise UserError(f"{source}: unsupported image shape {img.shape}")
     if bgr:
         img = img[:, :, ::-1]
-    if size is not None and img.shape[:2] != (size, size):
-        interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
-        img = cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=interp)
-    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
+    pl = None
+    if size is not None:
+        img, pl = fit_image(img, size, resize)
+    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32), pl
 
 
 # Mask rule: any non-zero pixel is defect (0/255, 0/1, 0/65535 and label-index masks all work; a colour mask counts
@@ -175,6 +188,17 @@ def read_mask(path: str | Path, size: int | None = None, expect_shape: tuple[int
     if size is not None and m.shape[:2] != (size, size):
         m = cv2.resize(m.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
     return m.astype(np.float32)
+
+
+def place_mask(mask: np.ndarray, pl: Placement) -> np.ndarray:
+    """A mask at its image's own size, bool [src_h, src_w] -> the same mask in model-input coordinates, bool [S, S]:
+    resized nearest-neighbour to the image's valid region, False on the letterbox fill."""
+    out = np.zeros((pl.size, pl.size), bool)
+    m = mask.astype(np.uint8)
+    fitted = m if m.shape == (pl.height, pl.width) else \
+        cv2.resize(m, (pl.width, pl.height), interpolation=cv2.INTER_NEAREST)
+    out[pl.top:pl.top + pl.height, pl.left:pl.left + pl.width] = fitted > 0
+    return out
 
 
 def image_shape(path: str | Path) -> tuple[int, int]:
@@ -278,29 +302,39 @@ def stats_training_paths(train_paths: list[Path], limit: int = STATS_MAX_TRAIN_I
     return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
 
 
-def load_stack(paths: list[Path], size: int) -> np.ndarray:
-    """Read images into one float32 array [N, 3, S, S]."""
-    if not paths:
-        return np.zeros((0, 3, size, size), np.float32)
-    return np.stack([read_image(p, size) for p in paths])
+def load_stack(paths: list[Path], size: int, resize: str = "squash") -> np.ndarray:
+    """Read images into one float32 array [N, 3, S, S] (by the `resize` policy)."""
+    return load_stack_placed(paths, size, resize)[0]
+
+
+def load_stack_placed(paths: list[Path], size: int, resize: str = "squash") -> tuple[np.ndarray, list[Placement]]:
+    """`load_stack` and each image's `Placement` in the square input."""
+    out = np.zeros((len(paths), 3, size, size), np.float32)
+    places: list[Placement] = []
+    for i, p in enumerate(paths):
+        out[i], pl = read_image_placed(p, size, resize)
+        places.append(pl)  # type: ignore[arg-type]
+    return out, places
 
 
 class ImageFolderDataset:
     """Normal images for training (a torch-style map dataset; works with torch DataLoader without importing
     torch here). Returns float32 [3, S, S] arrays in [0, 1]; optional horizontal flip."""
 
-    def __init__(self, paths: list[Path], size: int, cache: bool = True, hflip: bool = False, seed: int = 0):
+    def __init__(self, paths: list[Path], size: int, cache: bool = True, hflip: bool = False, seed: int = 0,
+                 resize: str = "squash"):
         self.paths = list(paths)
         self.size = size
+        self.resize = resize
         self.hflip = hflip
         self._rng = np.random.default_rng(seed)
-        self._cache: list[np.ndarray] | None = [read_image(p, size) for p in self.paths] if cache else None
+        self._cache: list[np.ndarray] | None = [read_image(p, size, resize) for p in self.paths] if cache else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        img = self._cache[i] if self._cache is not None else read_image(self.paths[i], self.size)
+        img = self._cache[i] if self._cache is not None else read_image(self.paths[i], self.size, self.resize)
         if self.hflip and self._rng.random() < 0.5:
             img = np.ascontiguousarray(img[:, :, ::-1])
         return img

@@ -20,21 +20,32 @@ import numpy as np
 
 from . import metrics as M
 from .config import config_from_dict, read_yaml
-from .contract import BUNDLE_CONFIG, UserError, read_bundle_meta, read_calibration, write_json_atomic
+from .contract import (
+    BUNDLE_CONFIG,
+    Placement,
+    UserError,
+    crop_valid,
+    map_to_source,
+    mask_fill,
+    read_bundle_meta,
+    read_calibration,
+    write_json_atomic,
+)
 from .data import (
     IMAGE_EXTS,
     Sample,
-    image_shape,
     index_dataset,
     list_images,
     load_stack,
+    place_mask,
     read_display_bgr,
-    read_image,
+    read_image_placed,
     read_mask,
 )
 
 log = logging.getLogger(__name__)
 
+EVAL_SIZES = ("original", "model")  # maps compared with masks at each image's own size, or at the model's input
 FPR_LIMIT = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate (MVTec AD)
 N_CASES = 3  # images per case group in the report
 
@@ -51,27 +62,52 @@ def _finite(x: float | None) -> float | None:
 
 
 # --- evaluate --------------------------------------------------------------------------------------------------
-def _load_test_set(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images [N, 3, S, S], masks [N, S, S] bool and has_mask [N] (good images: all-normal, so True)."""
+def _load_test_set(samples: list[Sample], size: int, resize: str = "squash", original: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Placement], list[np.ndarray] | None]:
+    """Images [N, 3, S, S] (by the `resize` policy), masks in model-input coordinates [N, S, S] bool, has_mask [N]
+    (good images: all-normal, so True), each image's Placement, and (with `original`) each mask at its image's own
+    size, bool [H_i, W_i] (None without `original`)."""
     images = np.empty((len(samples), 3, size, size), np.float32)
     masks = np.zeros((len(samples), size, size), bool)
     has_mask = np.ones(len(samples), bool)
+    places: list[Placement] = []
+    full: list[np.ndarray] | None = [] if original else None
     for i, s in enumerate(samples):
-        images[i] = read_image(s.path, size)
-        if s.label == 0:
-            continue
-        if s.mask is None:
+        images[i], pl = read_image_placed(s.path, size, resize)
+        assert pl is not None  # a size was given
+        places.append(pl)
+        m: np.ndarray = np.zeros((pl.src_h, pl.src_w), np.bool_)
+        if s.label == 1 and s.mask is None:
             has_mask[i] = False
-            continue
-        masks[i] = read_mask(s.mask, size, expect_shape=image_shape(s.path)) > 0.5
-        if not masks[i].any():  # by the mask rule (any non-zero pixel is defect) this mask really is empty
-            log.warning("%s: mask has no defect pixel (at %d px) for defect image %s", s.mask, size, s.path)
-    return images, masks, has_mask
+        elif s.label == 1 and s.mask is not None:
+            m = read_mask(s.mask, expect_shape=(pl.src_h, pl.src_w)) > 0.5
+            masks[i] = place_mask(m, pl)
+            if not m.any():  # by the mask rule (any non-zero pixel is defect) this mask really is empty
+                log.warning("%s: mask has no defect pixel for defect image %s", s.mask, s.path)
+        if full is not None:
+            full.append(m)
+    return images, masks, has_mask, places, full
 
 
-def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, curves: dict[str, Any], key: str) -> dict[str, Any]:
-    """Pixel AUROC and AUPRO of the images given; their PRO curve goes into `curves[key]` for the plot."""
-    if not masks.any() or masks.all():
+def _eval_pairs(maps: np.ndarray, masks: np.ndarray, full: list[np.ndarray] | None, places: list[Placement]
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(masks, maps) the pixel metrics compare, one pair per image. With `full` (eval size original): each map's
+    valid region upsampled (bilinear) to its image's own size beside the full-resolution mask. Without: the
+    model-size map and mask, cropped to the image's valid region (letterbox) or whole (squash)."""
+    if full is not None:
+        return list(full), [map_to_source(maps[i], p) for i, p in enumerate(places)]
+    return [crop_valid(masks[i], p) for i, p in enumerate(places)], [crop_valid(maps[i], p) for i, p in enumerate(places)]
+
+
+def _pick(xs: list[np.ndarray], sel: np.ndarray) -> list[np.ndarray]:
+    return [xs[i] for i in np.flatnonzero(sel)]
+
+
+def _pixel_metrics(masks: list[np.ndarray], maps: list[np.ndarray], curves: dict[str, Any], key: str
+                   ) -> dict[str, Any]:
+    """Pixel AUROC and AUPRO of the images given (per-image [H_i, W_i] masks and maps); their PRO curve goes into
+    `curves[key]` for the plot."""
+    if not any(m.any() for m in masks) or all(m.all() for m in masks):
         return {"pixel_auroc": None, "aupro": None}
     fpr, pro, _ = M.pro_curve(masks, maps)
     curves[key] = _thin_curve(fpr, pro, FPR_LIMIT)
@@ -93,7 +129,8 @@ def _thin_curve(x: np.ndarray, y: np.ndarray, x_max: float, n: int = 1000) -> tu
 
 
 def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.ndarray, masks: np.ndarray,
-                     has_mask: np.ndarray, labels: np.ndarray, defects: np.ndarray) -> dict[str, Any]:
+                     has_mask: np.ndarray, labels: np.ndarray, defects: np.ndarray, places: list[Placement],
+                     full: list[np.ndarray] | None) -> dict[str, Any]:
     """The training-free baseline on the same images, fitted on the bundle's own training images (the dataset's
     train/good minus its held-back ones) and thresholded on its held-back images, so every report shows what the
     model adds: kNN on the model's own backbone features for a feature-space model (`baseline.KnnBaseline`),
@@ -106,6 +143,7 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
     train = [p for p in index.train if str(p.relative_to(index.root)) not in held]
     hold = [p for p in index.train if str(p.relative_to(index.root)) in held]
     size = images.shape[-1]
+    resize = scorer.cfg.data.resize
     base: Any
     if scorer.features:
         base = KnnBaseline(scorer.cfg.model.backbone, size, tokenizer=scorer.model.backbone)
@@ -113,16 +151,25 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
     else:
         base = PatchStatsBaseline(scorer.model.patch_size)
         method = "per-position patch statistics (training-free)"
-    base.fit(torch.from_numpy(load_stack(train, size)))
-    _, hold_scores = base.score(torch.from_numpy(load_stack(hold, size))) if hold else (None, None)
-    threshold = float(np.quantile(hold_scores.double().numpy(), 1 - float(cal.get("target_fpr", 0.01)),
-                                  method="higher")) if hold_scores is not None else float("inf")
+    from .data import load_stack_placed
+    from .scoring import valid_scores
+
+    base.fit(torch.from_numpy(load_stack(train, size, resize)))
+    threshold = float("inf")
+    if hold:
+        hold_imgs, hold_places = load_stack_placed(hold, size, resize)
+        hold_maps, hold_scores = base.score(torch.from_numpy(hold_imgs))
+        hs = valid_scores(hold_maps, hold_places, scorer.cfg.scoring) if resize != "squash" else \
+            hold_scores.double().numpy()
+        threshold = float(np.quantile(hs, 1 - float(cal.get("target_fpr", 0.01)), method="higher"))
     maps_t, scores_t = base.score(torch.from_numpy(images))
-    maps, scores = maps_t[:, 0].numpy(), scores_t.double().numpy()
+    maps = maps_t[:, 0].numpy()
+    scores = valid_scores(maps_t, places, scorer.cfg.scoring) if resize != "squash" else scores_t.double().numpy()
     out: dict[str, Any] = {"method": method, "n_train_images": len(train), "threshold": threshold}
     im = M.image_metrics(labels, scores, threshold)
     out.update({k: _finite(im[k]) for k in ("image_auroc", "f1")})
-    out.update(_pixel_metrics(masks[has_mask], maps[has_mask], {}, "baseline"))
+    pm, pa = _eval_pairs(maps, masks, full, places)
+    out.update(_pixel_metrics(_pick(pm, has_mask), _pick(pa, has_mask), {}, "baseline"))
     out["per_defect_image_auroc"] = {
         t: _finite(M.auroc(labels[(defects == "good") | (defects == t)],
                            scores[(defects == "good") | (defects == t)]))
@@ -131,29 +178,36 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
 
 
 def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
-                   batch_size: int = 8, baseline: bool = True) -> dict[str, Any]:
+                   batch_size: int = 8, baseline: bool = True, eval_size: str = "original") -> dict[str, Any]:
     """Score the test images of `data` with the bundle's calibrated scorer; write metrics.json, scores.csv,
     report.md and plots/ into the new directory `out`. Returns the metrics dict. With `baseline`, the
-    training-free baseline is computed on the same split and reported beside (`_baseline_beside`)."""
+    training-free baseline is computed on the same split and reported beside (`_baseline_beside`).
+    `eval_size`: 'original' compares each map, upsampled to its image's own size, with the full-resolution mask
+    (as MVTec AD does); 'model' compares them at the model's input size (masks resized nearest-neighbour).
+    Under data.resize=letterbox maps are cropped to the image's valid region first, and image scores are taken
+    over that region only."""
     bundle, data, out = Path(bundle), Path(data), Path(out)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if eval_size not in EVAL_SIZES:
+        raise UserError(f"--eval-size {eval_size!r}: choose one of {', '.join(EVAL_SIZES)}")
     # Every check that needs no model comes first (and without torch): a bad folder, image or mask fails in
     # seconds, before the model is loaded or anything is scored.
     _refuse_existing(out, "evaluation report")
     index = index_dataset(data, need_test=True)
     read_bundle_meta(bundle)
     cal = read_calibration(bundle)
-    size = config_from_dict(read_yaml(bundle / BUNDLE_CONFIG), str(bundle / BUNDLE_CONFIG)).model.img_size
+    bcfg = config_from_dict(read_yaml(bundle / BUNDLE_CONFIG), str(bundle / BUNDLE_CONFIG))
+    size, resize = bcfg.model.img_size, bcfg.data.resize
     samples = index.test
     t_io = time.perf_counter()
-    images, masks, has_mask = _load_test_set(samples, size)
+    images, masks, has_mask, places, full = _load_test_set(samples, size, resize, original=eval_size == "original")
     t_io = time.perf_counter() - t_io
 
     import torch
 
     from .bundle import load_scorer, staged_dir
-    from .scoring import score_batches
+    from .scoring import score_batches, valid_scores
 
     scorer, _, meta = load_scorer(bundle, require_calibration=True)
     if scorer.cfg.model.img_size != size:  # pragma: no cover - the same config file read twice
@@ -170,22 +224,26 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     maps_t, scores_t = score_batches(scorer, torch.from_numpy(images), batch_size)
     t_score = time.perf_counter() - t0
     maps = maps_t[:, 0].cpu().numpy().astype(np.float32, copy=False)
-    scores = scores_t.double().cpu().numpy()
+    scores = valid_scores(maps_t, places, scorer.cfg.scoring) if resize != "squash" else \
+        scores_t.double().cpu().numpy()
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
         raise UserError(f"{bundle}: the model gives non-finite scores (first for {samples[bad[0]].path}); "
                         "its weights are probably broken")
 
     pix = has_mask  # images whose every pixel has a known label
+    pair_masks, pair_maps = _eval_pairs(maps, masks, full, places)
+    if resize != "squash":  # plots and cases: the letterbox fill shows the valid minimum, never a hot spot
+        maps = np.stack([mask_fill(m, p) for m, p in zip(maps, places, strict=True)])
     result: dict[str, Any] = {}
     result.update(M.image_metrics(labels, scores, threshold))
     curves: dict[str, Any] = {}
-    result.update(_pixel_metrics(masks[pix], maps[pix], curves, "all"))
+    result.update(_pixel_metrics(_pick(pair_masks, pix), _pick(pair_maps, pix), curves, "all"))
     per_defect: dict[str, Any] = {}
     for t in index.defect_types:
         sel = (defects == "good") | (defects == t)
         im = M.image_metrics(labels[sel], scores[sel], threshold)
-        pm = _pixel_metrics(masks[sel & pix], maps[sel & pix], curves, t)
+        pm = _pixel_metrics(_pick(pair_masks, sel & pix), _pick(pair_maps, sel & pix), curves, t)
         per_defect[t] = {
             "n": int(np.sum(defects == t)), "n_without_mask": int(np.sum((defects == t) & ~has_mask)),
             "image_auroc": _finite(im["image_auroc"]), "pixel_auroc": pm["pixel_auroc"], "aupro": pm["aupro"],
@@ -205,7 +263,11 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
         "n_defect": int(np.sum(labels == 1)),
         "n_defect_without_mask": n_unmasked,
         "n_pixel_metric_images": int(np.sum(pix)),
-        "eval_size": size,
+        "eval_size": eval_size,
+        "eval_resolution": ("each image's own size (maps upsampled bilinearly; masks at full resolution)"
+                            if eval_size == "original" else f"model input, {size} px (masks nearest-neighbour)"),
+        "model_size": size,
+        "resize": resize,
         "model_id": meta.get("model_id"),
         "bundle": str(bundle),
         "data": str(data),
@@ -218,7 +280,8 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     })
 
     if baseline:
-        result["baseline"] = _baseline_beside(scorer, cal, index, images, masks, has_mask, labels, defects)
+        result["baseline"] = _baseline_beside(scorer, cal, index, images, masks, has_mask, labels, defects, places,
+                                              full)
         log.info("baseline beside: %s", {k: v for k, v in result["baseline"].items() if isinstance(v, float)})
 
     with staged_dir(out, "evaluation report") as d:
@@ -385,8 +448,9 @@ def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
     conf = r["confusion"]
     L: list[str] = []
     L += [f"# Evaluation report: {r['model_id']}", ""]
-    L += [f"- Bundle: `{r['bundle']}`", f"- Data: `{r['data']}` ({r['layout']} layout), evaluated at "
-          f"{r['eval_size']}x{r['eval_size']} px",
+    L += [f"- Bundle: `{r['bundle']}`", f"- Data: `{r['data']}` ({r['layout']} layout), model input "
+          f"{r['model_size']}x{r['model_size']} px ({r['resize']}); maps compared with masks at "
+          f"{r['eval_resolution']} (`--eval-size {r['eval_size']}`)",
           f"- Test images: {r['n_images']} ({r['n_good']} good, {r['n_defect']} defect in "
           f"{len(r['per_defect'])} types)",
           f"- Scoring time: {r['seconds_per_image'] * 1000:.1f} ms per image "
@@ -458,7 +522,10 @@ def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
           f"The PRO-vs-FPR curve is integrated up to FPR {r['aupro_fpr_limit']} and divided by "
           f"{r['aupro_fpr_limit']} (MVTec AD).",
           "- F1: at the calibrated threshold, image level, 2TP / (2TP + FP + FN).",
-          "- Maps and masks are compared at the model's input resolution (masks resized nearest-neighbour).",
+          f"- Maps and masks are compared at {r['eval_resolution']} (`--eval-size {r['eval_size']}`); resize "
+          f"policy `{r['resize']}`" + (": each map is cropped to its image's valid region first and the image "
+                                       "score is taken over that region only." if r["resize"] == "letterbox" else
+                                       "."),
           "- `scores.csv` lists every test image's score; `metrics.json` holds every figure above.", ""]
     return "\n".join(L)
 
@@ -546,13 +613,13 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
     import torch
 
     from .bundle import load_scorer, staged_dir
-    from .scoring import score_batches
+    from .scoring import score_batches, valid_scores
 
     scorer, cal, _meta = load_scorer(bundle)
     threshold = float(cal["threshold"]) if cal is not None else None
     if threshold is None:
         log.warning("%s: bundle has no calibration; scores.csv will have no threshold or verdict", bundle)
-    size = scorer.cfg.model.img_size
+    size, resize = scorer.cfg.model.img_size, scorer.cfg.data.resize
     rows: list[list[str]] = []
     used: set[str] = set()
     with staged_dir(out, "predictions") as d:
@@ -560,9 +627,15 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
         pending: list[tuple[Path, str, np.ndarray, float]] = []
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
-            arr = np.stack([read_image(p, size) for p in chunk])
-            maps, scores = score_batches(scorer, torch.from_numpy(arr), batch_size)
-            for p, m, s in zip(chunk, maps[:, 0].cpu().numpy(), scores.double().cpu().numpy(), strict=True):
+            placed = [read_image_placed(p, size, resize) for p in chunk]
+            maps, scores = score_batches(scorer, torch.from_numpy(np.stack([a for a, _ in placed])), batch_size)
+            places = [pl for _, pl in placed if pl is not None]
+            sc = valid_scores(maps, places, scorer.cfg.scoring) if resize != "squash" else \
+                scores.double().cpu().numpy()
+            # the map of the image itself: its valid region (letterbox), at model resolution
+            valid = [np.ascontiguousarray(crop_valid(m, pl)) for m, pl in zip(maps[:, 0].cpu().numpy(), places,
+                                                                              strict=True)]
+            for p, m, s in zip(chunk, valid, sc, strict=True):
                 if not np.isfinite(s):
                     raise UserError(f"{bundle}: the model gives a non-finite score for {p}")
                 stem = _unique_stem(p.stem, used)

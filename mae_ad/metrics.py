@@ -102,11 +102,33 @@ def _stack_maps(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
     return m, a
 
 
+def _pairs(masks: Any, maps: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Masks and maps as lists of per-image [H_i, W_i] arrays (bool, float), each mask the shape of its map: arrays
+    [N, H, W] or sequences of images of different sizes (evaluation at each image's own resolution)."""
+    if isinstance(masks, np.ndarray) and isinstance(maps, np.ndarray):
+        m, a = _stack_maps(masks, maps)
+        return list(m), list(a)
+    ms, As = [], []
+    if len(masks) != len(maps):
+        raise ValueError(f"{len(masks)} masks but {len(maps)} anomaly maps")
+    for mi, ai in zip(masks, maps, strict=True):
+        mi, ai = np.asarray(mi), np.asarray(ai)
+        mi = mi.reshape(mi.shape[-2:]) if mi.ndim == 3 and mi.shape[0] == 1 else mi
+        ai = ai.reshape(ai.shape[-2:]) if ai.ndim == 3 and ai.shape[0] == 1 else ai
+        if mi.shape != ai.shape or mi.ndim != 2:
+            raise ValueError(f"a mask {mi.shape} and its anomaly map {ai.shape} must both be [H, W]")
+        ms.append(mi if mi.dtype == bool else mi > 0.5)
+        As.append(ai)
+    return ms, As
+
+
 def pixel_auroc(masks: Any, maps: Any) -> float | None:
-    """AUROC over every pixel of every image (masks [N, H, W] in {0, 1}, maps [N, H, W]); None without defect
-    pixels or without normal pixels."""
-    m, a = _stack_maps(masks, maps)
-    return auroc(m.reshape(-1), a.reshape(-1))
+    """AUROC over every pixel of every image (masks [N, H, W] in {0, 1}, maps [N, H, W], or lists of per-image
+    [H_i, W_i] arrays); None without defect pixels or without normal pixels."""
+    m, a = _pairs(masks, maps)
+    if not m:
+        return None
+    return auroc(np.concatenate([x.reshape(-1) for x in m]), np.concatenate([x.reshape(-1) for x in a]))
 
 
 def pro_curve(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,9 +139,9 @@ def pro_curve(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     defect-free pixels (outside every mask, over all images, good images included) with map >= t. Returns
     (fpr, pro, thresholds), fpr non-decreasing, starting at (0, 0) with threshold +inf.
     """
-    m, a = _stack_maps(masks, maps)
-    n_img = m.shape[0]
-    weights = np.zeros(m.shape, dtype=np.float64)  # each region's pixels share 1 / (n_regions * region size)
+    m, a = _pairs(masks, maps)
+    n_img = len(m)
+    weights = [np.zeros(x.shape, dtype=np.float64) for x in m]  # a region's pixels: 1 / (n_regions * its size)
     sizes: list[np.ndarray] = []
     comp_maps: list[tuple[int, np.ndarray, int]] = []
     for i in range(n_img):
@@ -134,17 +156,17 @@ def pro_curve(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     for (i, lab, _n), size in zip(comp_maps, sizes, strict=True):
         per_comp = np.r_[0.0, 1.0 / (size.astype(np.float64) * n_regions)]
         weights[i] = per_comp[lab]
-    ok = ~m.reshape(-1)
+    ok = ~np.concatenate([x.reshape(-1) for x in m])
     n_ok = int(ok.sum())
     if n_ok == 0:
         raise ValueError("PRO needs defect-free pixels for its false-positive rate")
-    flat = a.reshape(-1)
+    flat = np.concatenate([x.reshape(-1) for x in a])
     if not np.all(np.isfinite(flat)):
         raise ValueError("anomaly maps contain NaN or infinite values")
     order = np.argsort(flat)[::-1]  # descending; order inside a tie group does not matter
     s_sorted = flat[order]
     fp = np.cumsum(ok[order], dtype=np.int64)
-    pro = np.cumsum(weights.reshape(-1)[order])
+    pro = np.cumsum(np.concatenate([w.reshape(-1) for w in weights])[order])
     del weights
     last = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), flat.size - 1]
     fpr_pts = np.r_[0.0, fp[last] / n_ok]
@@ -175,8 +197,8 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float | None:
     1. None when there is no ground-truth region or no defect-free pixel."""
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    m, a = _stack_maps(masks, maps)
-    if not m.any() or m.all():
+    m, a = _pairs(masks, maps)
+    if not any(x.any() for x in m) or all(x.all() for x in m):
         return None
     fpr, pro, _ = pro_curve(m, a)
     return area_until(fpr, pro, fpr_limit) / fpr_limit

@@ -56,6 +56,25 @@ def normal_statistics(samples: torch.Tensor, floor_share: float, eps: float) -> 
     return mean, torch.maximum(std, std.flatten().median().clamp_min(eps) * floor_share)
 
 
+def valid_normal_statistics(samples: torch.Tensor, valid: torch.Tensor | None, floor_share: float, eps: float,
+                            min_count: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """`normal_statistics` of maps [N, 1, H, W] counting at each pixel only the samples whose `valid` [N, 1, H, W]
+    (bool; data.resize=letterbox: the image, not the fill) is set there; pixels valid in fewer than `min_count`
+    samples keep the statistics of all samples. `valid` None: `normal_statistics`."""
+    mean0, std0 = normal_statistics(samples, floor_share, eps)
+    if valid is None or bool(valid.all()):
+        return mean0, std0
+    w = valid.to(samples.dtype)
+    n = w.sum(dim=0, keepdim=True)
+    mean = (samples * w).sum(dim=0, keepdim=True) / n.clamp_min(1)
+    std = (((samples - mean) ** 2 * w).sum(dim=0, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+    ok = n >= min_count
+    if not bool(ok.any()):
+        return mean0, std0
+    std = torch.maximum(std, std[ok].median().clamp_min(eps) * floor_share)
+    return torch.where(ok, mean, mean0), torch.where(ok, std, std0)
+
+
 gaussian_kernel1d = gaussian_window  # normalised 1-D Gaussian, radius ceil(3 sigma) capped at max_radius
 
 
@@ -323,6 +342,23 @@ class Scorer(nn.Module):
                 getattr(self, n).copy_(tensors[n].view_as(getattr(self, n)))
 
 
+def _valid_masks(placements: list[Any]) -> torch.Tensor:
+    """bool [N, 1, S, S]: each placement's valid region (`contract.valid_mask`)."""
+    from .contract import valid_mask
+
+    return torch.from_numpy(np.stack([valid_mask(p) for p in placements])[:, None])
+
+
+def valid_scores(maps: torch.Tensor, placements: list[Any], scoring: Any) -> np.ndarray:
+    """Image scores float64 [N] from model-size maps [N, 1, S, S], each over its image's valid region
+    (`contract.score_valid` with scoring.reduce / scoring.topk_fraction)."""
+    from .contract import score_valid
+
+    m = maps[:, 0].float().cpu().numpy()
+    return np.array([score_valid(m[i], p, scoring.reduce, scoring.topk_fraction) for i, p in enumerate(placements)],
+                    np.float64)
+
+
 @torch.no_grad()
 def score_batches(scorer: Scorer, images: torch.Tensor, batch_size: int = 8, raw: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,7 +378,8 @@ def score_batches(scorer: Scorer, images: torch.Tensor, batch_size: int = 8, raw
 
 @torch.no_grad()
 def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_size: int = 8,
-              stats_images: torch.Tensor | None = None, stats_owner: torch.Tensor | None = None) -> dict[str, Any]:
+              stats_images: torch.Tensor | None = None, stats_owner: torch.Tensor | None = None,
+              placements: list[Any] | None = None, stats_placements: list[Any] | None = None) -> dict[str, Any]:
     """Fit the decision threshold (and, with scoring.normalize=position, the per-pixel normal statistics) on
     normal images only. `images` are held-back normals. With position normalisation and no `stats_images` they are
     split in two halves: the statistics come from the first, the threshold from the second, so the threshold is
@@ -351,6 +388,9 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     With scoring.knn_weight the kNN memory must be set (`Scorer.set_knn_memory`); its map gets its own per-pixel
     statistics from the same images, and `stats_owner` [N] (the memory owner id of each training stats image)
     keeps each training image from matching its own cells.
+    `placements` (data.resize=letterbox: each of `images`' `contract.Placement`): threshold scores are taken over
+    each image's valid region only (`contract.score_valid`), as evaluation, predict and the agent take them, and
+    the per-pixel statistics count each image only where it is valid (`stats_placements`: those of `stats_images`).
     """
     n = images.shape[0]
     if n < 2:
@@ -364,7 +404,9 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
         else:
             stats_src = stats_images
         raw, _ = score_batches(scorer, stats_src, batch_size, raw=True)
-        scorer.set_normal_stats(*normal_statistics(raw, floor_share=0.25, eps=1e-8))
+        src_places = placements[:stats_n] if stats_images is None and placements is not None else stats_placements
+        valid = None if src_places is None else _valid_masks(src_places).to(raw.device)
+        scorer.set_normal_stats(*valid_normal_statistics(raw, valid, floor_share=0.25, eps=1e-8))
         n_stats = int(stats_src.shape[0])
         if scorer.knn_weight > 0:
             if scorer.knn_bank.shape[0] == 0:
@@ -373,15 +415,17 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
             for i in range(0, n_stats, batch_size):
                 own = None if stats_images is None or stats_owner is None else stats_owner[i:i + batch_size]
                 maps.append(scorer.knn_raw_map(scorer.normalise_input(stats_src[i:i + batch_size]), own))
-            km, ks = normal_statistics(torch.cat(maps), floor_share=0.25, eps=1e-8)
+            km, ks = valid_normal_statistics(torch.cat(maps), valid, floor_share=0.25, eps=1e-8)
             scorer.knn_mean.copy_(km.view_as(scorer.knn_mean))
             scorer.knn_std.copy_(ks.view_as(scorer.knn_std))
         if scorer.stats_weight > 0:
             feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:i + batch_size]))
                                for i in range(0, n_stats, batch_size)])
             scorer.set_cell_stats(*normal_statistics(feats, floor_share=0.1, eps=1e-6))
-    _, scores = score_batches(scorer, images[stats_n:], batch_size)
+    thr_maps, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()
+    if placements is not None and not all(p.full for p in placements):
+        s = valid_scores(thr_maps, placements[stats_n:], scorer.cfg.scoring)
     threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
     return {
         "threshold": threshold,

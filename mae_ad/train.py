@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import data as data_mod
 from .bundle import staged_dir, write_bundle_files
-from .calibrate import fit_knn_memory, training_stats_images
+from .calibrate import fit_knn_memory, training_stats_placed
 from .config import Config, config_from_dict
 from .contract import UserError, write_json_atomic
 from .model import MaskedAutoencoderViT, build_model, count_params
@@ -242,7 +242,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     cal = cfg.calibration
     train_paths, holdout = data_mod.split_holdout(normal, cal.holdout_fraction, cal.min_holdout, seed=tc.seed)
     dataset = data_mod.ImageFolderDataset(train_paths, cfg.model.img_size, cache=cfg.data.cache,
-                                          hflip=cfg.data.hflip, seed=tc.seed)
+                                          hflip=cfg.data.hflip, seed=tc.seed, resize=cfg.data.resize)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=False)
     loader_gen = torch.Generator()
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
@@ -266,7 +266,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     model.to(device)
     if ckpt_tensors is None and model.frozen_cnns():  # their features are standardised on the training images
         std_imgs = torch.from_numpy(data_mod.load_stack(data_mod.stats_training_paths(train_paths),
-                                                        cfg.model.img_size))
+                                                        cfg.model.img_size, cfg.data.resize))
         for cnn in model.frozen_cnns():
             cnn.fit_standardisation(std_imgs)
 
@@ -446,12 +446,14 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     try:
         model.eval()
         scorer = Scorer(model, cfg).to(device).eval()
-        hold_imgs = torch.from_numpy(data_mod.load_stack(holdout, cfg.model.img_size)).to(device)
-        stats_imgs = training_stats_images(cfg, lambda: train_paths)
+        hold_arr, hold_places = data_mod.load_stack_placed(holdout, cfg.model.img_size, cfg.data.resize)
+        hold_imgs = torch.from_numpy(hold_arr).to(device)
+        stats_imgs, stats_places = training_stats_placed(cfg, lambda: train_paths)
         owner = fit_knn_memory(scorer, cfg, train_paths,
                                dataset.tokens.to(device) if isinstance(dataset, TokenCache) else None)
         calibration = calibrate(scorer, hold_imgs, cfg.calibration.target_fpr, batch_size=tc.batch_size,
-                                stats_images=None if stats_imgs is None else stats_imgs.to(device), stats_owner=owner)
+                                stats_images=None if stats_imgs is None else stats_imgs.to(device), stats_owner=owner,
+                                placements=hold_places, stats_placements=stats_places)
         calibration["holdout_images"] = [str(p.relative_to(index.root)) for p in holdout]
         training_meta = {
             "data": str(index.root), "layout": index.layout, "n_train_images": len(train_paths),

@@ -101,7 +101,7 @@ def test_evaluation_masks_are_the_same_for_01_255_and_mixed(tmp_path):
             cv2.imwrite(str(d / f"{stem}_mask.png"), m.astype(np.uint8) * v)
 
         _dataset(tmp_path / scale, write)
-        _, masks, has_mask = _load_test_set(index_dataset(tmp_path / scale, need_test=True).test, 48)
+        _, masks, has_mask, _, _ = _load_test_set(index_dataset(tmp_path / scale, need_test=True).test, 48)
         assert has_mask.all()
         got[scale] = masks
     assert got["255"].sum() > 0
