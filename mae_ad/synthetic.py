@@ -66,24 +66,21 @@ def add_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np
 
 
 def write_dataset(root: str | Path, n_train: int = 60, n_test_good: int = 12, n_test_defect: int = 6,
-                  size: int = 160, seed: int = 0, defects: tuple[str, ...] = DEFECTS, ext: str = ".png",
-                  jpeg_quality: int = 95) -> Path:
-    """Write a small MVTec-layout dataset of the synthetic product (images as `ext`: .png, or .jpg at
-    `jpeg_quality` like the frames of an MJPEG camera; masks always .png). Returns the root."""
+                  size: int = 160, seed: int = 0, defects: tuple[str, ...] = DEFECTS) -> Path:
+    """Write a small MVTec-layout dataset of the synthetic product. Returns the root."""
     root = Path(root)
-    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if ext == ".jpg" else []
     rng = np.random.default_rng(seed)
     for d in ("train/good", "test/good"):
         (root / d).mkdir(parents=True, exist_ok=True)
     for i in range(n_train):
-        cv2.imwrite(str(root / "train/good" / f"{i:03d}{ext}"), normal_tile(rng, size), params)
+        cv2.imwrite(str(root / "train/good" / f"{i:03d}.png"), normal_tile(rng, size))
     for i in range(n_test_good):
-        cv2.imwrite(str(root / "test/good" / f"{i:03d}{ext}"), normal_tile(rng, size), params)
+        cv2.imwrite(str(root / "test/good" / f"{i:03d}.png"), normal_tile(rng, size))
     for kind in defects:
         (root / "test" / kind).mkdir(parents=True, exist_ok=True)
         (root / "ground_truth" / kind).mkdir(parents=True, exist_ok=True)
         for i in range(n_test_defect):
             img, mask = add_defect(normal_tile(rng, size), kind, rng)
-            cv2.imwrite(str(root / "test" / kind / f"{i:03d}{ext}"), img, params)
+            cv2.imwrite(str(root / "test" / kind / f"{i:03d}.png"), img)
             cv2.imwrite(str(root / "ground_truth" / kind / f"{i:03d}_mask.png"), mask)
     return root
