@@ -138,8 +138,9 @@ class ModelConfig(Section):
         if self.backbone is not None:
             cell = self.backbone.stride * self.patch_size
             if self.img_size % cell:
+                hint = "; with model.backbone, patch_size counts feature cells (usually 1)" if self.patch_size > 1 else ""
                 raise ValueError(f"img_size {self.img_size} is not a multiple of backbone.stride x patch_size "
-                                 f"({self.backbone.stride} x {self.patch_size} = {cell})")
+                                 f"({self.backbone.stride} x {self.patch_size} = {cell}){hint}")
             if self.in_chans != 3:
                 raise ValueError("in_chans: a pretrained backbone needs RGB input (in_chans 3)")
             bad = [k for k, on in (("ssim_loss_weight", self.ssim_loss_weight > 0),
