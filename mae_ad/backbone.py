@@ -24,10 +24,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import pickle
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -198,28 +197,11 @@ def source_weights_path(cfg: BackboneConfig) -> Path:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A flat state dict from `.safetensors` or a weights-only torch file (`state_dict`/`model` unwrapped)."""
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    """A flat state dict from `.safetensors` or a weights-only torch file (`checkpoint.read_state`, the reader
+    of model.pretrained: `model`/`state_dict` unwrapped, no pickle)."""
+    from .checkpoint import read_state  # checkpoint imports the model, which imports this module
 
-        try:
-            return load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{p}: cannot read safetensors weights ({e})") from None
-    try:
-        state: Any = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{p}: cannot read as a weights-only torch checkpoint ({first})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{p}: expected a dict of tensors, got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return read_state(path)
 
 
 # EfficientNet-PyTorch names -> timm names. In a block with an expansion conv (timm InvertedResidual) the order is
