@@ -22,10 +22,13 @@ from .contract import (
     BUNDLE_CALIB_TENSORS,
     BUNDLE_CALIBRATION,
     BUNDLE_CONFIG,
-    BUNDLE_FORMAT_VERSION,
     BUNDLE_META,
     BUNDLE_WEIGHTS,
+    KIND_BUNDLE,
+    SCHEMA_VERSION,
+    BundleMeta,
     UserError,
+    dump_meta,
     read_bundle_meta,
     sha256_file,
     staged_dir,
@@ -68,9 +71,9 @@ def write_bundle_files(
             save_file(tensors, str(d / BUNDLE_CALIB_TENSORS))
     from .lora import has_lora
 
-    meta = {
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "kind": "mae_ad.bundle",
+    record: dict[str, Any] = {
+        "format_version": SCHEMA_VERSION,
+        "kind": KIND_BUNDLE,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "name": cfg.name,
         "model_id": f"{cfg.name}-{sha256_file(d / BUNDLE_WEIGHTS)[:12]}",
@@ -84,8 +87,8 @@ def write_bundle_files(
         "calibrated": calibration is not None,
         "versions": versions(),
     }
-    meta.update(extra_meta or {})
-    write_json_atomic(d / BUNDLE_META, meta)
+    record.update(extra_meta or {})
+    write_json_atomic(d / BUNDLE_META, dump_meta(BundleMeta.model_validate(record)))  # a record readers accept
 
 
 def save_bundle(out: str | os.PathLike[str], model: MaskedAutoencoderViT, cfg: Config,
@@ -109,7 +112,8 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: cannot read safetensors weights ({e})") from None
 
 
-def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Config, MaskedAutoencoderViT, dict]:
+def load_bundle(path: str | os.PathLike[str], device: str = "cpu"
+                ) -> tuple[Config, MaskedAutoencoderViT, BundleMeta]:
     """Load (config, model in eval mode, meta). The architecture is built from the bundle's own config; LoRA
     layers are built only if the weights contain adapters (a merged bundle loads into plain linears)."""
     p = Path(path)
@@ -131,7 +135,7 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Conf
 
 
 def load_scorer(path: str | os.PathLike[str], device: str = "cpu", require_calibration: bool = False
-                ) -> tuple[Scorer, dict[str, Any] | None, dict]:
+                ) -> tuple[Scorer, dict[str, Any] | None, BundleMeta]:
     """Load a bundle as a ready Scorer. Returns (scorer, calibration or None, meta)."""
     from .contract import read_calibration
 

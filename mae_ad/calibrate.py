@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,9 +104,9 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     cal = calibrate(scorer, images, cfg.calibration.target_fpr, batch_size=batch_size, stats_images=stats_images,
                     stats_owner=owner, placements=places, stats_placements=stats_places)
     cal["holdout_images"] = holdout
-    cal["recalibrated_from"] = meta.get("model_id")
-    extra = {k: v for k, v in meta.items() if k == "training"}
-    extra["parent_bundle_weights_sha256"] = meta.get("weights_sha256")
+    cal["recalibrated_from"] = meta.model_id
+    extra: dict[str, Any] = {"training": meta.training} if meta.training is not None else {}
+    extra["parent_bundle_weights_sha256"] = meta.weights_sha256
     with staged_dir(out) as d:
         write_bundle_files(d, model, cfg, cal, scorer, extra_meta=extra)
     log.info("re-calibrated %s -> %s: threshold %.5g (was %.5g)", bundle, out, cal["threshold"], old_cal["threshold"])

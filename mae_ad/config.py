@@ -7,7 +7,6 @@ No torch import here.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .contract import UserError
+from .contract import UserError, apply_overrides, read_yaml
+from .contract import format_validation_error as _format_validation_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,8 +160,8 @@ class ModelConfig(Section):
         ):
             if dim % heads:
                 raise ValueError(f"{name}: {dim} is not divisible by {heads} heads")
-        bad = [i for i in self.multiscale if not 0 <= i < self.depth]
-        if bad or len(set(self.multiscale)) != len(self.multiscale):
+        out_of_range = [i for i in self.multiscale if not 0 <= i < self.depth]
+        if out_of_range or len(set(self.multiscale)) != len(self.multiscale):
             raise ValueError(f"multiscale: {self.multiscale} must be distinct encoder block indices in "
                              f"0..{self.depth - 1} (model.depth={self.depth})")
         return self
@@ -319,61 +319,6 @@ def check_partition(grid: int, k: int, pattern: str) -> None:
             )
     else:
         raise ValueError(f"scoring.pattern: unknown pattern {pattern!r}")
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        msg = msg.removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return f"{source}: invalid configuration: " + "; ".join(parts)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise UserError(f"--set {item!r}: expected section.key=value")
-    key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise UserError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return path, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    data = copy.deepcopy(data)
-    for item in overrides or []:
-        path, value = _parse_override(item)
-        node = data
-        for p in path[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise UserError(f"--set {item!r}: {p} is not a section")
-            node = nxt
-        node[path[-1]] = value
-    return data
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{p}: top level must be a mapping of sections")
-    return data
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:

@@ -1,10 +1,18 @@
-"""What every stage agrees on, with no torch import: tensor names, bundle file names, metadata, predictions.
+"""What every stage agrees on, with no torch import: tensor names, bundle file names, the typed artefact metadata,
+the typed result of every backend, and the helpers that read configuration files.
 
 The agent (which must run without torch) and the exporter both read this module, so names cannot drift apart.
+
+Artefact metadata: a bundle's `meta.json`, the `<file>.meta.json` sidecar of an ONNX model or TensorRT engine and
+the copy of it in an ONNX graph's metadata_props are one family of records (`BundleMeta`, `OnnxMeta`, `EngineMeta`,
+all `ArtefactMeta`), with one schema version, `SCHEMA_VERSION`. Writers build the record and `dump_meta` it;
+readers `parse_meta`/`read_meta` it, so a wrong version or a missing or ill-typed field fails when the artefact is
+loaded, with one `UserError` naming the file and the field. Keys a record does not name ride along unchanged.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -12,9 +20,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # Graph I/O names: the PyTorch scorer, the ONNX graph, the TensorRT engine and the agent use exactly these.
 INPUT_NAME = "image"  # float32 [B, 3, H, W], RGB, values in [0, 1]
@@ -29,22 +40,239 @@ BUNDLE_CALIB_TENSORS = "calibration.safetensors"  # per-pixel normal statistics 
 BUNDLE_META = "meta.json"  # versions, hashes, what made it
 BUNDLE_FILES = (BUNDLE_WEIGHTS, BUNDLE_CONFIG, BUNDLE_META)
 
-BUNDLE_FORMAT_VERSION = 1
+# The one schema version of the artefact metadata (bundle meta.json, ONNX and engine sidecars, ONNX
+# metadata_props). Bump it when a field changes meaning or type; readers accept SUPPORTED_SCHEMA_VERSIONS.
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+BUNDLE_FORMAT_VERSION = SCHEMA_VERSION  # the name older code and docs use
+
+KIND_BUNDLE = "mae_ad.bundle"
+KIND_ONNX = "mae_ad.onnx"
+KIND_PLAN = "mae_ad.plan"
+
+RESIZE_POLICIES = ("squash", "letterbox")
 
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad key, bad file). The CLI prints it as one line, exit code 2."""
 
 
-@dataclass
-class Prediction:
-    """One scored image, as the agent and `predict` report it."""
+# --- configuration helpers (the learning stage's and the agent's YAML) -------------------------------------------
+def format_validation_error(err: ValidationError, source: str, what: str = "configuration") -> str:
+    """One line naming every field at fault: `<source>: invalid <what>: a.b: msg; c: msg`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid {what}: " + "; ".join(parts)
 
-    score: float
-    threshold: float
-    anomalous: bool
-    anomaly_map: Any = None  # numpy float32 [H, W] when kept
-    meta: dict[str, Any] = field(default_factory=dict)
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], value parsed as YAML)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """A copy of `data` with every `section.key=value` override set."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: {p} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A YAML config file as a mapping (empty file: {}); UserError naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: top level must be a mapping of sections")
+    return data
+
+
+# --- artefact metadata ----------------------------------------------------------------------------------------
+class Record(BaseModel):
+    """A metadata record: the fields it names are typed; keys it does not name are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # JSON types as they are: "32" is not a size
+
+
+class InputSpec(Record):
+    """What the graph's input is: [B, channels, size, size], RGB in [0, 1]; mean/std are applied inside it."""
+
+    size: int = Field(ge=1)
+    channels: int | None = None
+    layout: str | None = None
+    range: list[int | float] | None = None
+    colour: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    resize: Literal["squash", "letterbox"] = "squash"
+
+
+class ScoringSpec(Record):
+    """The scoring settings a model was made with (the whole `scoring` section); the agent needs the score rule."""
+
+    reduce: Literal["max", "topk_mean"] = "max"
+    topk_fraction: float = Field(0.01, gt=0, le=1)
+
+
+class ParentRef(Record):
+    """The artefact this one was made from."""
+
+    bundle: str | None = None
+    bundle_sha256: str | None = None
+    weights_sha256: str | None = None
+    model_id: str | None = None
+    onnx_sha256: str | None = None
+
+
+class GpuInfo(Record):
+    name: str
+    compute_capability: str
+    index: int | None = None
+
+
+class ArtefactMeta(Record):
+    """What every artefact says about itself and every backend reports (`Backend.meta`)."""
+
+    format_version: int
+    kind: str
+    created: str | None = None
+    model_id: str
+    name: str | None = None
+    threshold: float | None = None
+    input: InputSpec
+    scoring: ScoringSpec | None = None
+    precision: Literal["fp32", "fp16", "int8"] | None = None
+    parent: ParentRef | None = None
+    versions: dict[str, str] | None = None
+
+
+class BundleMeta(ArtefactMeta):
+    """`meta.json` of a model bundle (mae_ad.bundle, trt.merge)."""
+
+    kind: Literal["mae_ad.bundle"]
+    weights_sha256: str
+    lora: bool
+    merged: bool
+    calibrated: bool
+    merged_layers: int | None = None
+    training: dict[str, Any] | None = None
+
+
+class OnnxMeta(ArtefactMeta):
+    """`model.onnx.meta.json` and the graph's metadata_props record (trt.export, trt.quantize)."""
+
+    kind: Literal["mae_ad.onnx"]
+    calibration: dict[str, Any] | None = None
+    outputs: dict[str, str] | None = None
+    io_dtype: str | None = None
+    opset: int | None = None
+    exporter: str | None = None
+    dynamic_batch: bool | None = None
+    max_batch_hint: int | None = Field(None, ge=1)
+    external_data: bool | None = None
+    merged: bool | None = None
+    merged_at_export: bool | None = None
+    onnx_sha256: str | None = None
+    onnx_bytes: int | None = None
+    quantization: dict[str, Any] | None = None
+
+
+class EngineMeta(ArtefactMeta):
+    """`model.plan.meta.json` of a TensorRT engine (trt.build); the runtime needs nothing but this and the plan."""
+
+    kind: Literal["mae_ad.plan"]
+    tensorrt_version: str
+    gpu: GpuInfo
+    onnx: str
+    onnx_sha256: str
+    strongly_typed: bool | None = None
+    profile: dict[str, Any] | None = None
+    max_batch: int = Field(ge=1)
+    workspace_mb: int | None = None
+    build_seconds: float | None = None
+    plan_sha256: str | None = None
+
+
+M = TypeVar("M", bound=ArtefactMeta)
+
+
+def parse_meta(data: Any, model: type[M], source: str) -> M:
+    """Validate an artefact record; UserError `<source>: ...` naming the field at fault. The schema version is
+    checked first: a record of another version is refused as such, not as a list of odd fields."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a JSON object (mae-ad artefact metadata)")
+    if "format_version" not in data:
+        raise UserError(f"{source}: format_version: missing (not mae-ad artefact metadata)")
+    version = data["format_version"]
+    if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:
+        readable = ", ".join(str(v) for v in sorted(SUPPORTED_SCHEMA_VERSIONS))
+        raise UserError(f"{source}: format_version: {version!r} is not supported (this mae-ad reads version "
+                        f"{readable}); re-create the artefact with this version of mae-ad")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source, "metadata")) from None
+
+
+def read_meta(path: str | os.PathLike[str], model: type[M], what: str) -> M:
+    """Read and validate the metadata JSON file `path` (a bundle's meta.json or a sidecar)."""
+    return parse_meta(read_json(path, what), model, str(path))
+
+
+def dump_meta(meta: ArtefactMeta) -> dict[str, Any]:
+    """The record as JSON-ready data: the fields that were given (unset defaults are not written)."""
+    return meta.model_dump(mode="json", exclude_unset=True)
+
+
+# --- the result of every backend --------------------------------------------------------------------------------
+class Prediction(NamedTuple):
+    """One batch as every backend returns it (`Backend.infer`), in input order; unpacks as `maps, scores`."""
+
+    maps: Any  # numpy float32 [B, 1, S, S]: the anomaly map of each image
+    scores: Any  # numpy float32 [B]: the image score (> threshold: anomalous)
+
+    @classmethod
+    def checked(cls, maps: Any, scores: Any, source: str) -> Prediction:
+        """Float32 copies-if-needed of an engine's outputs, refused (ValueError naming `source`) unless they are
+        [B, 1, S, S] maps and [B] scores of the same B."""
+        import numpy as np
+
+        maps = np.asarray(maps).astype(np.float32, copy=False)
+        scores = np.asarray(scores).astype(np.float32, copy=False).reshape(-1)
+        if maps.ndim != 4 or maps.shape[1] != 1 or maps.shape[0] != scores.shape[0]:
+            raise ValueError(f"{source}: expected maps [B, 1, S, S] and scores [B], got {tuple(maps.shape)} and "
+                             f"{tuple(scores.shape)}")
+        return cls(maps, scores)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -119,16 +347,13 @@ def is_bundle(path: str | os.PathLike[str]) -> bool:
     return p.is_dir() and (p / BUNDLE_META).is_file() and (p / BUNDLE_WEIGHTS).is_file()
 
 
-def read_bundle_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_bundle_meta(path: str | os.PathLike[str]) -> BundleMeta:
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: bundle directory not found")
     if not is_bundle(p):
         raise UserError(f"{p}: not a model bundle (expected {BUNDLE_META} and {BUNDLE_WEIGHTS} inside)")
-    meta = read_json(p / BUNDLE_META, "bundle metadata")
-    if not isinstance(meta, dict) or meta.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise UserError(f"{p / BUNDLE_META}: unsupported bundle format_version {meta.get('format_version')!r}")
-    return meta
+    return read_meta(p / BUNDLE_META, BundleMeta, "bundle metadata")
 
 
 def read_calibration(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -151,7 +376,7 @@ def read_calibration(path: str | os.PathLike[str]) -> dict[str, Any]:
 #   the image score is taken over the valid region only (`score_valid`).
 # Every stage (training, calibration, evaluation, predict, the agent) goes through `fit_image` and `Placement`, and
 # the bundle/ONNX metadata record the policy as input.resize; the exported graph keeps its fixed square input.
-RESIZE_POLICIES = ("squash", "letterbox")
+# RESIZE_POLICIES (above) names them.
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .contract import UserError
+from .contract import BundleMeta, UserError
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,13 @@ def select_precision(scorer: Any, images: np.ndarray, threshold: float, setting:
     return choice
 
 
-def bundle_calibration_paths(meta: dict[str, Any], cal: dict[str, Any] | None, data: str | Path | None = None,
+def bundle_calibration_paths(meta: BundleMeta | Mapping[str, Any], cal: dict[str, Any] | None, data: str | Path | None = None,
                              limit: int = 64) -> list[Path]:
     """A bundle's held-back normal images (calibration.json `holdout_images`, relative to the dataset root: `data`,
     else meta.json `training.data`), at most `limit` evenly spaced; [] when they cannot be found."""
     held = (cal or {}).get("holdout_images") or []
-    root = Path(data) if data is not None else Path((meta.get("training") or {}).get("data") or "")
+    training = meta.training if isinstance(meta, BundleMeta) else meta.get("training")
+    root = Path(data) if data is not None else Path((training or {}).get("data") or "")
     if not held or not root.is_dir():
         return []
     paths = [root / h for h in held if (root / h).is_file()]
@@ -157,12 +159,13 @@ def install_precision(scorer: Any, precision: str) -> None:
     scorer.precision = precision
 
 
-def prepare_precision(scorer: Any, meta: dict[str, Any], cal: dict[str, Any] | None, setting: str | None = None,
-                      data: str | Path | None = None, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                      flags: list[str] | None = None) -> PrecisionChoice:
+def prepare_precision(scorer: Any, meta: BundleMeta | Mapping[str, Any], cal: dict[str, Any] | None,
+                      setting: str | None = None, data: str | Path | None = None,
+                      min_agreement: float = DEFAULT_MIN_AGREEMENT, flags: list[str] | None = None) -> PrecisionChoice:
     """Choose the precision of a loaded bundle's scorer (`load_scorer`'s scorer, calibration and meta), check it on
     the bundle's held-back images and install it. Where evaluate/predict call it:
-        scorer, cal, meta = load_scorer(bundle); choice = prepare_precision(scorer, meta, cal, setting, data)"""
+        scorer, cal, meta = load_scorer(bundle); choice = prepare_precision(scorer, meta, cal, setting, data)
+    (`meta`: the BundleMeta, or any mapping with its `training` record)."""
     from .data import load_stack
 
     if resolve_precision(setting, flags) == "fp32":
