@@ -26,8 +26,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mae_ad trt agent tests
-	$(VENV)/bin/mypy agent trt mae_ad/config.py mae_ad/contract.py
+	$(VENV)/bin/ruff check mae_ad trt agent app tests
+	$(VENV)/bin/mypy agent trt app mae_ad/config.py mae_ad/contract.py
 
 bench: $(STAMP)
 	$(VENV)/bin/mae-ad bench all --out bench_out/bench.json

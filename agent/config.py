@@ -17,8 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mae_ad.config import _format_validation_error, apply_overrides, read_yaml
-from mae_ad.contract import UserError
+from mae_ad.contract import UserError, apply_overrides, format_validation_error, read_yaml
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # camera names and agent ids appear in MQTT topics and folder names
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "brightness")
@@ -404,7 +403,7 @@ def agent_config_from_dict(data: dict[str, Any], source: str = "<agent config>")
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(redact(_format_validation_error(e, source))) from None
+        raise UserError(redact(format_validation_error(e, source))) from None
 
 
 def load_agent_config(path: str | Path, overrides: list[str] | None = None) -> AgentConfig:
@@ -422,7 +421,7 @@ def load_agent_config(path: str | Path, overrides: list[str] | None = None) -> A
 
 
 def _apply_overrides_with_lists(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Like mae_ad.config.apply_overrides, but `cameras.0.key=value` reaches into the camera list."""
+    """Like mae_ad.contract.apply_overrides, but `cameras.0.key=value` reaches into the camera list."""
     plain: list[str] = []
     out = data
     for item in overrides or []:

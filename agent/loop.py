@@ -25,7 +25,7 @@ import numpy as np
 
 from mae_ad.contract import RESIZE_POLICIES, UserError
 
-from .backend import Backend, model_threshold, open_backend
+from .backend import Backend, EngineOpener, model_threshold, open_backend
 from .capture import ENDED, FAILED, PAUSED, STREAMING, CameraReader, Frame, opencv_line
 from .commands import NO_VALUE_COMMANDS, check_no_value, check_threshold, parse_threshold
 from .config import AgentConfig, CameraSection, install_log_redaction, redact
@@ -92,9 +92,12 @@ class CameraState:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, backend: Backend | None = None):
+    def __init__(self, cfg: AgentConfig, backend: Backend | None = None, engines: EngineOpener | None = None):
+        """backend: an open engine to drive (the caller closes it); else `cfg.model` is opened at start, a real
+        engine through `engines` (`trt.backends.open_backend`, which `mae-ad run` passes)."""
         self.cfg = cfg
         self._backend_given = backend
+        self._engines = engines
         self.backend: Backend | None = backend
         self.stop_event = threading.Event()
         self.new_frame = threading.Event()
@@ -134,17 +137,17 @@ class Agent:
         log.info("%s", opencv_line())
         mqtt_preflight(cfg.mqtt)  # TLS files and password source named before anything starts
         if self.backend is None:
-            self.backend = open_backend(cfg.model)
+            self.backend = open_backend(cfg.model, self._engines)
         b = self.backend
-        self.model_id = str(b.meta.get("model_id", "?"))
+        self.model_id = b.meta.model_id
         self.default_threshold = model_threshold(b)
         # the model's resize policy and score rule, from its metadata (models without it were squashed)
-        self.resize = str((b.meta.get("input") or {}).get("resize", "squash"))
+        self.resize = b.meta.input.resize
         if self.resize not in RESIZE_POLICIES:
             raise UserError(f"model.path={cfg.model.path}: unknown input.resize {self.resize!r} in the model "
                             f"metadata (this agent knows {', '.join(RESIZE_POLICIES)})")
-        sc = b.meta.get("scoring") or {}
-        self.reduce, self.topk_fraction = str(sc.get("reduce", "max")), float(sc.get("topk_fraction", 0.01))
+        if b.meta.scoring is not None:
+            self.reduce, self.topk_fraction = b.meta.scoring.reduce, b.meta.scoring.topk_fraction
         for i, cam in enumerate(cfg.cameras):
             if not cam.enabled:
                 continue

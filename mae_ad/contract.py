@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -46,9 +46,9 @@ SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 BUNDLE_FORMAT_VERSION = SCHEMA_VERSION  # the name older code and docs use
 
-KIND_BUNDLE = "mae_ad.bundle"
-KIND_ONNX = "mae_ad.onnx"
-KIND_PLAN = "mae_ad.plan"
+KIND_BUNDLE: Final = "mae_ad.bundle"
+KIND_ONNX: Final = "mae_ad.onnx"
+KIND_PLAN: Final = "mae_ad.plan"
 
 RESIZE_POLICIES = ("squash", "letterbox")
 
@@ -160,6 +160,9 @@ class GpuInfo(Record):
     index: int | None = None
 
 
+Precision = Literal["fp32", "fp16", "int8"]
+
+
 class ArtefactMeta(Record):
     """What every artefact says about itself and every backend reports (`Backend.meta`)."""
 
@@ -171,7 +174,7 @@ class ArtefactMeta(Record):
     threshold: float | None = None
     input: InputSpec
     scoring: ScoringSpec | None = None
-    precision: Literal["fp32", "fp16", "int8"] | None = None
+    precision: Precision | None = None
     parent: ParentRef | None = None
     versions: dict[str, str] | None = None
 
@@ -202,9 +205,13 @@ class OnnxMeta(ArtefactMeta):
     external_data: bool | None = None
     merged: bool | None = None
     merged_at_export: bool | None = None
+    tensorrt_check: dict[str, list[str]] | None = None
+    verify: dict[str, Any] | None = None
+    export_seconds: float | None = None
     onnx_sha256: str | None = None
     onnx_bytes: int | None = None
     quantization: dict[str, Any] | None = None
+    parent_onnx: dict[str, Any] | None = None
 
 
 class EngineMeta(ArtefactMeta):

@@ -103,7 +103,7 @@ def main() -> int:
     import psutil
 
     from agent.broker import MosquittoBroker, free_port, mosquitto_path
-    from agent.demo import _guess_backend, write_product_video
+    from app.agent_demo import _guess_backend, write_product_video
     from tests.agent.browser import Browser
 
     work = Path(tempfile.mkdtemp(prefix="bench-liveview-"))
@@ -125,7 +125,7 @@ def main() -> int:
     }
     (work / "agent.yaml").write_text(json.dumps(cfg))
     exe = Path(sys.executable).with_name("mae-ad")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mae_ad.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
     ncpu = os.cpu_count() or 1
     pin = args.pin and ncpu >= 2
     agent = subprocess.Popen([*cmd, "run", "--config", str(work / "agent.yaml")], stdout=subprocess.DEVNULL,

@@ -33,7 +33,7 @@ def main() -> None:
     test = index_dataset(args.data, need_test=True).test
     res: dict[str, list[np.ndarray]] = {"m32": [], "m16": [], "s32": [], "s16": []}
     with open_backend("onnxruntime", p32) as b32, open_backend("onnxruntime", p16) as b16:
-        size, thr = b32.input_size, float(b32.meta["threshold"])
+        size, thr = b32.input_size, float(b32.meta.threshold or 0.0)
         for i in range(0, len(test), args.batch):
             x = np.stack([read_image(s.path, size) for s in test[i:i + args.batch]])
             m32, s32 = b32.infer(x)

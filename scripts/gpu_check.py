@@ -90,7 +90,7 @@ def main() -> int:
     ok = True
     rows = []
     with open_backend("tensorrt", plan) as be, open_backend("onnxruntime", ref_path) as ref:
-        thr = be.meta["threshold"]
+        thr = be.meta.threshold
         for b in [int(x) for x in args.batches.split(",") if int(x) <= be.max_batch]:
             x = np.random.default_rng(b).random((b, 3, size, size), dtype=np.float32)
             maps, scores = be.infer(x)

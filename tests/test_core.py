@@ -195,7 +195,7 @@ def test_every_shipped_config_validates():
 
     from typer.testing import CliRunner
 
-    from mae_ad.cli import app
+    from app.cli import app
 
     files = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
                    if not p.name.startswith("ablation-"))

@@ -53,7 +53,7 @@ def test_write_corpus_layout_trains_and_refuses_to_overwrite(tmp_path):
 
 
 def test_make_corpus_cli(tmp_path):
-    from mae_ad.cli import app
+    from app.cli import app
 
     r = CliRunner().invoke(app, ["make-corpus", "--out", str(tmp_path / "c"), "--n", "5", "--size", "24"])
     assert r.exit_code == 0, r.output

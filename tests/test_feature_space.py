@@ -40,7 +40,7 @@ def lite_weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def feature_bundle(tmp_path_factory, lite_weights, synthetic_data) -> Path:
     out = tmp_path_factory.mktemp("fb") / "bundle"
-    cmd = [sys.executable, "-m", "mae_ad.cli", "train", "--data", str(synthetic_data), "--out", str(out)]
+    cmd = [sys.executable, "-m", "app.cli", "train", "--data", str(synthetic_data), "--out", str(out)]
     for o in feature_overrides(lite_weights):
         cmd += ["--set", o]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -155,7 +155,7 @@ def test_recalibrate_without_knn_and_back(feature_bundle, synthetic_data, tmp_pa
     ("scoring.knn_weight=1", "scoring.knn_weight > 0 needs feature tokens: set model.backbone"),
 ])
 def test_pixel_model_refuses_feature_options(override, message, tmp_path) -> None:
-    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "validate-config", "configs/tiny-p8.yaml", "--set",
+    r = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", "configs/tiny-p8.yaml", "--set",
                         override], capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
@@ -167,7 +167,7 @@ def test_pixel_model_refuses_feature_options(override, message, tmp_path) -> Non
     ("model.img_size=60", "img_size 60 is not a multiple of backbone.stride x patch_size"),
 ])
 def test_feature_model_refuses_bad_keys(override, message, lite_weights) -> None:
-    cmd = [sys.executable, "-m", "mae_ad.cli", "validate-config", "configs/tiny-p8.yaml"]
+    cmd = [sys.executable, "-m", "app.cli", "validate-config", "configs/tiny-p8.yaml"]
     for o in [*feature_overrides(lite_weights), override]:
         cmd += ["--set", o]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -184,7 +184,7 @@ def test_bad_backbone_at_train_time_writes_nothing(synthetic_data, tmp_path) -> 
     for extra, message in ((["model.backbone.weights=" + str(wrong)], "r18.pth: not weights of efficientnet_lite0"),
                            (["model.backbone.layers=[2,7]"], "model.backbone.layers: 7 is not a feature level")):
         out = tmp_path / f"b{len(message)}"
-        cmd = [sys.executable, "-m", "mae_ad.cli", "train", "--data", str(synthetic_data), "--out", str(out)]
+        cmd = [sys.executable, "-m", "app.cli", "train", "--data", str(synthetic_data), "--out", str(out)]
         for o in [*feature_overrides(wrong), *extra]:
             cmd += ["--set", o]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -229,7 +229,7 @@ def test_perceptual_error_for_pixel_space(tmp_path) -> None:
 
 
 def test_perceptual_weight_needs_a_perceptual_backbone() -> None:
-    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "validate-config", "configs/tiny-p8.yaml", "--set",
+    r = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", "configs/tiny-p8.yaml", "--set",
                         "scoring.perceptual_weight=0.5"], capture_output=True, text=True)
     assert r.returncode == 2 and "scoring.perceptual_weight > 0 needs model.perceptual" in r.stderr
 

@@ -165,7 +165,7 @@ def test_bundle_records_the_policy(letterbox_bundle):
     from mae_ad.contract import read_bundle_meta
 
     bundle, _, _ = letterbox_bundle
-    assert read_bundle_meta(bundle)["input"]["resize"] == "letterbox"
+    assert read_bundle_meta(bundle).input.resize == "letterbox"
 
 
 def test_evaluate_predict_and_agent_score_alike(letterbox_bundle, tmp_path):

@@ -119,7 +119,7 @@ def test_sweep_real_two_trials(tmp_path, synthetic_data):
     """Two real trials (train 2 epochs at 32 px + evaluate), through the CLI."""
     from typer.testing import CliRunner
 
-    from mae_ad.cli import app
+    from app.cli import app
 
     space = _space(tmp_path, "train.mask_mode: [random, block]\n")
     out = tmp_path / "sweep"

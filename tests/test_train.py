@@ -184,7 +184,7 @@ def test_torchrun_two_processes_on_cpu(synthetic_data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mae_ad.cli", "train", "--data", str(synthetic_data), "--out", str(out),
+           "-m", "app.cli", "train", "--data", str(synthetic_data), "--out", str(out),
            *sets(tiny_overrides() + FAST + ["train.epochs=2", "train.log_every=1"])]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

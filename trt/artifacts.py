@@ -2,6 +2,7 @@
 
 Every artefact carries a JSON sidecar named after it: `model.onnx` -> `model.onnx.meta.json`,
 `model.plan` -> `model.plan.meta.json` (so an FP32 and an FP16 ONNX, or an ONNX and its plan, can share a folder).
+The records are the typed ones of `mae_ad.contract` (`OnnxMeta`, `EngineMeta`), validated when they are read.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -19,8 +20,11 @@ from typing import Any
 
 from mae_ad.contract import (
     BUNDLE_FILES,
+    M,
+    OnnxMeta,
     UserError,
-    read_json,
+    parse_meta,
+    read_meta,
     sha256_file,
     write_bytes_atomic,  # noqa: F401  (re-exported for trt.build)
 )
@@ -40,11 +44,28 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + META_SUFFIX)
 
 
-def read_sidecar(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
-    meta = read_json(sidecar_path(path), f"{what} metadata")
-    if not isinstance(meta, dict):
-        raise UserError(f"{sidecar_path(path)}: expected a JSON object")
-    return meta
+def read_sidecar(path: str | os.PathLike[str], what: str, model: type[M]) -> M:
+    """The sidecar of `path`, validated as `model`; UserError naming the sidecar (and the field) otherwise."""
+    return read_meta(sidecar_path(path), model, f"{what} metadata")
+
+
+def meta_from_onnx_props(props: dict[str, str], path: str | os.PathLike[str]) -> OnnxMeta:
+    """The record exported into an ONNX graph's metadata_props (used when its sidecar is absent)."""
+    if ONNX_META_KEY not in props:
+        raise UserError(f"{path}: no mae-ad metadata (neither {sidecar_path(path).name} nor metadata_props "
+                        f"{ONNX_META_KEY!r}); export it with `mae-ad export`")
+    try:
+        data = json.loads(props[ONNX_META_KEY])
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: metadata_props {ONNX_META_KEY!r} is not valid JSON") from None
+    return parse_meta(data, OnnxMeta, f"{path} (metadata_props {ONNX_META_KEY!r})")
+
+
+def read_onnx_meta(path: str | os.PathLike[str], props: Callable[[], dict[str, str]]) -> OnnxMeta:
+    """An ONNX model's record: its sidecar when there is one, else the graph's metadata_props (`props()`)."""
+    if sidecar_path(path).is_file():
+        return read_sidecar(path, "ONNX", OnnxMeta)
+    return meta_from_onnx_props(props(), path)
 
 
 def bundle_sha256(bundle: str | os.PathLike[str]) -> str:

@@ -2,26 +2,27 @@
 TensorRT (.plan).
 
     with open_backend("onnxruntime", "model.onnx", threads=2) as be:
-        maps, scores = be.infer(images)  # float32 [B, 3, S, S] RGB in [0, 1] -> [B, 1, S, S], [B]
+        maps, scores = be.infer(images)  # float32 [B, 3, S, S] RGB in [0, 1] -> Prediction([B, 1, S, S], [B])
 
-Every backend has `name`, `input_size` (S), `max_batch` (None = no limit), `meta` (model_id, threshold, input
-{size, mean, std, ...}, precision, kind), `infer`, `close` and works as a context manager. A batch larger than
-`max_batch` raises `BatchTooLarge` (a UserError): the caller splits batches. The onnxruntime and tensorrt backends
-import no torch; the torch backend imports `mae_ad.bundle` when opened.
+Every backend has `name`, `path`, `input_size` (S), `max_batch` (None = no limit), `meta` (the artefact's typed
+record, `mae_ad.contract.ArtefactMeta`: model_id, threshold, input {size, mean, std, resize}, scoring, precision,
+kind), `infer` (returns a `mae_ad.contract.Prediction`), `close` and works as a context manager: the agent's
+`agent.backend.Backend` protocol. A batch larger than `max_batch` raises `BatchTooLarge` (a UserError): the caller
+splits batches. The onnxruntime and tensorrt backends import no torch; the torch backend imports `mae_ad.bundle`
+when opened.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mae_ad.contract import INPUT_NAME, MAP_NAME, SCORE_NAME, UserError
+from mae_ad.contract import INPUT_NAME, MAP_NAME, SCORE_NAME, ArtefactMeta, Prediction, UserError
 
-from .artifacts import ONNX_META_KEY, ORT_INSTALL_HINT, import_optional, read_sidecar, sidecar_path
+from .artifacts import ORT_INSTALL_HINT, import_optional, read_onnx_meta
 from .runtime import BatchTooLarge
 
 log = logging.getLogger(__name__)
@@ -29,34 +30,14 @@ log = logging.getLogger(__name__)
 KINDS = ("torch", "onnxruntime", "tensorrt")
 
 
-def meta_from_onnx_props(props: dict[str, str], path: str | Path) -> dict[str, Any]:
-    """The record exported into an ONNX graph's metadata_props (used when its sidecar is absent)."""
-    if ONNX_META_KEY not in props:
-        raise UserError(f"{path}: no mae-ad metadata (neither {sidecar_path(path).name} nor metadata_props "
-                        f"{ONNX_META_KEY!r}); export it with `mae-ad export`")
-    try:
-        meta = json.loads(props[ONNX_META_KEY])
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: metadata_props {ONNX_META_KEY!r} is not valid JSON") from None
-    return meta
-
-
-def _normalise_meta(meta: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
-    inp = meta.get("input") or {}
-    if "size" not in inp:
-        raise UserError(f"{path}: metadata lacks input.size")
-    thr = meta.get("threshold")
-    return {**meta, "model_id": meta.get("model_id"), "threshold": None if thr is None else float(thr),
-            "input": inp, "backend": kind, "path": str(path)}
-
-
-class Backend:
-    """Base class: validation of inputs and the context-manager protocol."""
+class BaseBackend:
+    """Base class of the engines here: validation of inputs and the context-manager protocol."""
 
     name: str = "backend"
+    path: Path
     input_size: int
     max_batch: int | None
-    meta: dict[str, Any]
+    meta: ArtefactMeta
 
     def _check(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -71,23 +52,23 @@ class Backend:
                                 "(split the batch)")
         return np.ascontiguousarray(images, dtype=np.float32)
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray) -> Prediction:
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> Backend:
+    def __enter__(self) -> BaseBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.meta.get('path')} size={self.input_size} max_batch={self.max_batch}>"
+        return f"<{type(self).__name__} {self.path} size={self.input_size} max_batch={self.max_batch}>"
 
 
-class TorchBackend(Backend):
+class TorchBackend(BaseBackend):
     name = "torch"
 
     def __init__(self, bundle: Path, *, threads: int | None, max_batch: int | None, device: str | None) -> None:
@@ -99,17 +80,18 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         self._torch = torch
         self._device = device or "cpu"
+        self.path = bundle
         self.scorer, cal, bmeta = load_scorer(bundle, self._device)
         self.input_size = int(self.scorer.cfg.model.img_size)
         self.max_batch = max_batch
-        self.meta = _normalise_meta({**bmeta, "threshold": None if cal is None else cal["threshold"],
-                                     "precision": "fp32"}, self.name, bundle)
+        self.meta = bmeta.model_copy(update={"threshold": None if cal is None else float(cal["threshold"]),
+                                             "precision": "fp32"})
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray) -> Prediction:
         x = self._torch.from_numpy(self._check(images)).to(self._device)
         with self._torch.inference_mode():
             maps, scores = self.scorer(x)
-        return maps.float().cpu().numpy(), scores.float().cpu().numpy()
+        return Prediction(maps.float().cpu().numpy(), scores.float().cpu().numpy())
 
     def close(self) -> None:
         self.scorer = None  # type: ignore[assignment]
@@ -126,7 +108,7 @@ def ort_session_options(ort: Any, threads: int | None) -> Any:
     return so
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(BaseBackend):
     name = "onnxruntime"
 
     def __init__(self, path: Path, *, threads: int | None, max_batch: int | None, device: str | None) -> None:
@@ -142,27 +124,24 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort.InferenceSession(str(path), ort_session_options(ort, threads), providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise UserError(f"{path}: onnxruntime cannot load the model ({str(e).splitlines()[0][:200]})") from None
-        if sidecar_path(path).is_file():
-            meta = read_sidecar(path, "ONNX")
-        else:
-            meta = meta_from_onnx_props(dict(self.session.get_modelmeta().custom_metadata_map), path)
-        self.meta = _normalise_meta(meta, self.name, path)
+        self.path = path
+        self.meta = read_onnx_meta(path, lambda: dict(self.session.get_modelmeta().custom_metadata_map))
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = {o.name for o in self.session.get_outputs()}
         if names_in != [INPUT_NAME] or not {MAP_NAME, SCORE_NAME} <= names_out:
             raise UserError(f"{path}: graph I/O {names_in} -> {sorted(names_out)} is not a mae-ad scoring graph")
-        self.input_size = int(self.meta["input"]["size"])
+        self.input_size = self.meta.input.size
         self.max_batch = max_batch
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray) -> Prediction:
         maps, scores = self.session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: self._check(images)})
-        return maps.astype(np.float32, copy=False), scores.astype(np.float32, copy=False)
+        return Prediction(maps.astype(np.float32, copy=False), scores.astype(np.float32, copy=False))
 
     def close(self) -> None:
         self.session = None
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(BaseBackend):
     name = "tensorrt"
 
     def __init__(self, path: Path, *, threads: int | None, max_batch: int | None, device: str | None) -> None:
@@ -174,12 +153,13 @@ class TensorRTBackend(Backend):
                 index = int(device.split(":")[-1]) if device not in ("cuda", "gpu") else 0
             except ValueError:
                 raise UserError(f"device {device!r}: expected cuda or cuda:N for the tensorrt backend") from None
+        self.path = path
         self.engine = TensorRTEngine(path, device=index, max_batch=max_batch)
-        self.meta = _normalise_meta(self.engine.meta, self.name, path)
+        self.meta = self.engine.meta
         self.input_size = self.engine.input_size
         self.max_batch = self.engine.max_batch
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, images: np.ndarray) -> Prediction:
         return self.engine.infer(self._check(images))
 
     def close(self) -> None:
@@ -187,7 +167,7 @@ class TensorRTBackend(Backend):
 
 
 def open_backend(kind: str, path: str | Path, *, threads: int | None = None, max_batch: int | None = None,
-                 device: str | None = None) -> Backend:
+                 device: str | None = None) -> BaseBackend:
     """Open a scoring backend: "torch" (bundle directory), "onnxruntime" (.onnx) or "tensorrt" (.plan)."""
     p = Path(path)
     if max_batch is not None and max_batch < 1:

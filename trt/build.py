@@ -15,52 +15,40 @@ No torch is imported. TensorRT is imported lazily with a message saying what to 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from mae_ad.contract import INPUT_NAME, MAP_NAME, SCORE_NAME, UserError, sha256_file, write_json_atomic
+from mae_ad.contract import (
+    INPUT_NAME,
+    KIND_PLAN,
+    MAP_NAME,
+    SCHEMA_VERSION,
+    SCORE_NAME,
+    EngineMeta,
+    GpuInfo,
+    ParentRef,
+    Precision,
+    UserError,
+    dump_meta,
+    sha256_file,
+    write_json_atomic,
+)
 
 from .artifacts import (
     PYCUDA_INSTALL_HINT,
-    TRT_INSTALL_HINT,
     import_optional,
-    read_sidecar,
+    read_onnx_meta,
     refuse_existing,
     sidecar_path,
     write_bytes_atomic,
 )
 from .opcheck import load_onnx
+from .trtapi import import_tensorrt, make_logger, trt_major
 
 log = logging.getLogger(__name__)
-
-_SEVERITY_TO_LEVEL = {"INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING,
-                      "INFO": logging.INFO, "VERBOSE": logging.DEBUG}
-
-
-def import_tensorrt() -> ModuleType:
-    return import_optional("tensorrt", TRT_INSTALL_HINT)
-
-
-def trt_major(trt: ModuleType) -> int:
-    return int(str(trt.__version__).split(".")[0])
-
-
-def make_logger(trt: ModuleType, name: str = "tensorrt") -> Any:
-    """A TensorRT ILogger that forwards to Python logging (the subclass must call ILogger.__init__)."""
-    pylog = logging.getLogger(name)
-
-    class _Logger(trt.ILogger):  # type: ignore[name-defined,misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            pylog.log(_SEVERITY_TO_LEVEL.get(getattr(severity, "name", ""), logging.INFO), "%s", msg)
-
-    return _Logger()
-
 
 def gpu_info(device: int = 0) -> dict[str, Any]:
     """Name and compute capability of a CUDA device, through pycuda (no context is created)."""
@@ -91,20 +79,15 @@ def build_engine(
     """Build `out` (a serialized engine) and `out.meta.json` from `onnx_path`. Returns `out`."""
     onnx_path, out = Path(onnx_path), Path(out)
     proto = load_onnx(onnx_path)  # missing or corrupt ONNX: a clear error before TensorRT is touched
-    try:
-        ometa = read_sidecar(onnx_path, "ONNX")
-    except UserError:
-        from .backends import meta_from_onnx_props
-
-        ometa = meta_from_onnx_props({p.key: p.value for p in proto.metadata_props}, onnx_path)
+    ometa = read_onnx_meta(onnx_path, lambda: {p.key: p.value for p in proto.metadata_props})
     if workspace_mb < 1:
         raise UserError(f"--workspace-mb {workspace_mb}: must be at least 1")
-    n_max = max_batch or ometa.get("max_batch_hint") or 8
+    n_max = max_batch or ometa.max_batch_hint or 8
     n_opt = opt_batch or n_max
     if not 1 <= n_opt <= n_max:
         raise UserError(f"--opt-batch {n_opt}: must lie in 1..--max-batch ({n_max})")
     refuse_existing(out, sidecar_path(out), what="engine")
-    onnx_fp16 = ometa.get("precision") == "fp16"
+    onnx_fp16 = ometa.precision == "fp16"
 
     trt = import_tensorrt()
     major = trt_major(trt)
@@ -140,7 +123,7 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    precision = "fp16" if (fp16 or onnx_fp16) else "fp32"
+    precision: Precision = "fp16" if (fp16 or onnx_fp16) else "fp32"
     if fp16 and major == 10 and not onnx_fp16:
         if not builder.platform_has_fast_fp16:
             log.warning("this GPU has no fast FP16; building FP16 anyway")
@@ -171,34 +154,31 @@ def build_engine(
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
-    meta = {
-        "format_version": 1,
-        "kind": "mae_ad.plan",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tensorrt_version": str(trt.__version__),
-        "gpu": gpu,
-        "onnx": str(onnx_path),
-        "onnx_sha256": sha256_file(onnx_path),
-        "precision": precision,
-        "strongly_typed": bool(onnx_fp16 or major >= 11),
-        "profile": {"input": INPUT_NAME, "min": list(pmin), "opt": list(popt), "max": list(pmax)},
-        "max_batch": n_max,
-        "workspace_mb": workspace_mb,
-        "build_seconds": round(build_s, 2),
-        "plan_sha256": None,
+    onnx_sha = sha256_file(onnx_path)
+    meta = EngineMeta(
+        format_version=SCHEMA_VERSION,
+        kind=KIND_PLAN,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        tensorrt_version=str(trt.__version__),
+        gpu=GpuInfo.model_validate(gpu),
+        onnx=str(onnx_path),
+        onnx_sha256=onnx_sha,
+        precision=precision,
+        strongly_typed=bool(onnx_fp16 or major >= 11),
+        profile={"input": INPUT_NAME, "min": list(pmin), "opt": list(popt), "max": list(pmax)},
+        max_batch=n_max,
+        workspace_mb=workspace_mb,
+        build_seconds=round(build_s, 2),
+        plan_sha256=hashlib.sha256(data).hexdigest(),
         # what the runtime needs without the ONNX
-        "model_id": ometa.get("model_id"),
-        "threshold": ometa.get("threshold"),
-        "input": ometa.get("input", {"size": h}),
-        "scoring": ometa.get("scoring"),
-        "parent": {"onnx_sha256": sha256_file(onnx_path), "bundle_sha256": ometa.get("parent", {}).get(
-            "bundle_sha256")},
-    }
-    import hashlib
-
-    meta["plan_sha256"] = hashlib.sha256(data).hexdigest()
+        model_id=ometa.model_id,
+        threshold=ometa.threshold,
+        input=ometa.input,
+        scoring=ometa.scoring,
+        parent=ParentRef(onnx_sha256=onnx_sha, bundle_sha256=ometa.parent.bundle_sha256 if ometa.parent else None),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(sidecar_path(out), meta)  # the sidecar first: a plan is never seen without it
+    write_json_atomic(sidecar_path(out), dump_meta(meta))  # the sidecar first: a plan is never seen without it
     try:
         write_bytes_atomic(out, data)
     except BaseException:

@@ -28,7 +28,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from mae_ad.contract import INPUT_NAME, MAP_NAME, SCORE_NAME, UserError, read_bundle_meta, read_calibration, sha256_file
+from mae_ad.contract import (
+    INPUT_NAME,
+    KIND_ONNX,
+    MAP_NAME,
+    SCHEMA_VERSION,
+    SCORE_NAME,
+    BundleMeta,
+    OnnxMeta,
+    ParentRef,
+    ScoringSpec,
+    UserError,
+    dump_meta,
+    read_bundle_meta,
+    read_calibration,
+    sha256_file,
+    write_json_atomic,
+)
 from mae_ad.scoring import Scorer
 
 from .artifacts import (
@@ -74,7 +90,7 @@ class HalfPrecisionScorer(Scorer):
         return pred.float(), None if nll is None else nll.float()
 
 
-def prepare_scorer(bundle: Path) -> tuple[Scorer, dict[str, Any], dict[str, Any], bool]:
+def prepare_scorer(bundle: Path) -> tuple[Scorer, dict[str, Any], BundleMeta, bool]:
     """Load a calibrated bundle as a Scorer with LoRA merged. Returns (scorer, calibration, bundle meta,
     merged_here)."""
     from mae_ad.bundle import load_scorer
@@ -160,18 +176,18 @@ def _export_graph(module: torch.nn.Module, example: torch.Tensor, dest: Path, *,
         onnx.save_model(model, str(dest))
 
 
-def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
+def onnx_metadata(meta: OnnxMeta) -> dict[str, str]:
     """metadata_props of the graph: the whole record as JSON plus the keys a person looks for first."""
-    inp = meta["input"]
+    assert meta.threshold is not None and meta.precision is not None and meta.parent is not None
     return {
-        ONNX_META_KEY: json_dumps(meta),
-        "model_id": str(meta["model_id"]),
-        "threshold": repr(float(meta["threshold"])),
-        "input_size": str(inp["size"]),
-        "mean": json_dumps(inp["mean"]),
-        "std": json_dumps(inp["std"]),
-        "precision": meta["precision"],
-        "parent_bundle_sha256": meta["parent"]["bundle_sha256"],
+        ONNX_META_KEY: json_dumps(dump_meta(meta)),
+        "model_id": meta.model_id,
+        "threshold": repr(float(meta.threshold)),
+        "input_size": str(meta.input.size),
+        "mean": json_dumps(meta.input.mean),
+        "std": json_dumps(meta.input.std),
+        "precision": meta.precision,
+        "parent_bundle_sha256": str(meta.parent.bundle_sha256),
     }
 
 
@@ -223,31 +239,30 @@ def export_onnx(
     module: Scorer = HalfPrecisionScorer.from_scorer(scorer) if fp16 else scorer
     ext = external_data if external_data is not None else _param_bytes(scorer) > EXTERNAL_DATA_BYTES
     size = scorer.cfg.model.img_size
-    meta: dict[str, Any] = {
-        "format_version": 1,
-        "kind": "mae_ad.onnx",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model_id": bmeta["model_id"],
-        "name": bmeta.get("name"),
-        "threshold": float(cal["threshold"]),
-        "calibration": {k: cal[k] for k in ("target_fpr", "n_images", "method") if k in cal},
-        "input": {**bmeta["input"], "size": size},
-        "outputs": {"map": MAP_NAME, "score": SCORE_NAME, "input": INPUT_NAME},
-        "scoring": bmeta.get("scoring", scorer.cfg.scoring.model_dump(mode="json")),
-        "precision": "fp16" if fp16 else "fp32",
-        "io_dtype": "float32",
-        "opset": opset,
-        "exporter": exporter,
-        "dynamic_batch": True,
-        "max_batch_hint": max_batch,
-        "external_data": bool(ext),
-        "merged": True,
-        "merged_at_export": merged_here,
-        "parent": {"bundle": str(bundle), "bundle_sha256": bundle_sha256(bundle),
-                   "weights_sha256": bmeta.get("weights_sha256"), "model_id": bmeta["model_id"]},
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
-                     **{k: v for k, v in bmeta.get("versions", {}).items() if k == "mae_ad"}},
-    }
+    meta = OnnxMeta(
+        format_version=SCHEMA_VERSION,
+        kind=KIND_ONNX,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        model_id=bmeta.model_id,
+        name=bmeta.name,
+        threshold=float(cal["threshold"]),
+        calibration={k: cal[k] for k in ("target_fpr", "n_images", "method") if k in cal},
+        input=bmeta.input.model_copy(update={"size": size}),
+        scoring=bmeta.scoring or ScoringSpec.model_validate(scorer.cfg.scoring.model_dump(mode="json")),
+        precision="fp16" if fp16 else "fp32",
+        io_dtype="float32",
+        opset=opset,
+        exporter=exporter,
+        dynamic_batch=True,
+        max_batch_hint=max_batch,
+        external_data=bool(ext),
+        merged=True,
+        merged_at_export=merged_here,
+        parent=ParentRef(bundle=str(bundle), bundle_sha256=bundle_sha256(bundle),
+                         weights_sha256=bmeta.weights_sha256, model_id=bmeta.model_id),
+        versions={"torch": str(torch.__version__), "onnx": str(onnx.__version__),
+                  **{k: v for k, v in (bmeta.versions or {}).items() if k == "mae_ad"}},
+    )
     gen = torch.Generator().manual_seed(0)
     example = torch.rand(2, 3, size, size, generator=gen)
     t0 = time.perf_counter()
@@ -265,22 +280,19 @@ def export_onnx(
         from .opcheck import check_graph
 
         report = check_graph(proto)
-        meta["tensorrt_check"] = {"unsupported": [r.op for r in report if r.status == "unsupported"],
-                                  "warnings": [r.op for r in report if r.status == "warn"]}
-        if meta["tensorrt_check"]["unsupported"]:
-            log.warning("ops outside TensorRT's ONNX support: %s (see `mae-ad check-trt`)",
-                        ", ".join(meta["tensorrt_check"]["unsupported"]))
+        unsupported = [r.op for r in report if r.status == "unsupported"]
+        meta.tensorrt_check = {"unsupported": unsupported, "warnings": [r.op for r in report if r.status == "warn"]}
+        if unsupported:
+            log.warning("ops outside TensorRT's ONNX support: %s (see `mae-ad check-trt`)", ", ".join(unsupported))
         if verify:
             images = torch.rand(2, 3, size, size, generator=gen).numpy()
             diff = ort_parity(dest, scorer, images)  # against the FP32 PyTorch scorer in both cases
-            meta["verify"] = {"images": "2 uniform random", **diff}
+            meta.verify = {"images": "2 uniform random", **diff}
             if not fp16 and (diff["map_max_rel"] > FP32_PARITY_TOL or diff["score_max_rel"] > FP32_PARITY_TOL):
                 raise RuntimeError(f"ONNX Runtime disagrees with PyTorch after export: {diff}")
-        meta["export_seconds"] = round(export_s, 3)
-        meta["onnx_sha256"] = sha256_file(dest)
-        meta["onnx_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
-        from mae_ad.contract import write_json_atomic
-
-        write_json_atomic(tmp / sidecar_path(out).name, meta)
-    log.info("wrote %s (%s, %.1f MB, exported in %.1f s)", out, meta["precision"], meta["onnx_bytes"] / 1e6, export_s)
+        meta.export_seconds = round(export_s, 3)
+        meta.onnx_sha256 = sha256_file(dest)
+        meta.onnx_bytes = sum(f.stat().st_size for f in tmp.iterdir())
+        write_json_atomic(tmp / sidecar_path(out).name, dump_meta(meta))
+    log.info("wrote %s (%s, %.1f MB, exported in %.1f s)", out, meta.precision, (meta.onnx_bytes or 0) / 1e6, export_s)
     return out

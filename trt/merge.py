@@ -10,8 +10,16 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
-from mae_ad.contract import BUNDLE_CALIB_TENSORS, BUNDLE_CALIBRATION, UserError, read_bundle_meta, read_json
+from mae_ad.contract import (
+    BUNDLE_CALIB_TENSORS,
+    BUNDLE_CALIBRATION,
+    UserError,
+    dump_meta,
+    read_bundle_meta,
+    read_json,
+)
 
 from .artifacts import bundle_sha256
 
@@ -25,7 +33,7 @@ def merge_bundle(bundle: str | Path, out: str | Path) -> Path:
 
     src, out = Path(bundle), Path(out)
     meta = read_bundle_meta(src)
-    if meta.get("merged"):
+    if meta.merged:
         raise UserError(f"{src}: bundle is already merged (meta.json merged: true); export it directly")
     cfg, model, _ = load_bundle(src)
     if not has_lora(model):
@@ -34,16 +42,17 @@ def merge_bundle(bundle: str | Path, out: str | Path) -> Path:
         raise UserError(f"{out}: --out must differ from the source bundle")
     calibration = read_json(src / BUNDLE_CALIBRATION, "calibration") if (src / BUNDLE_CALIBRATION).is_file() else None
     n = merge_lora(model)
-    extra = {
+    extra: dict[str, Any] = {
         "merged": True,
         "lora": False,
         "merged_layers": n,
-        "parent": {"bundle": str(src), "bundle_sha256": bundle_sha256(src), "model_id": meta.get("model_id"),
-                   "weights_sha256": meta.get("weights_sha256")},
+        "parent": {"bundle": str(src), "bundle_sha256": bundle_sha256(src), "model_id": meta.model_id,
+                   "weights_sha256": meta.weights_sha256},
     }
+    recorded = dump_meta(meta)
     for key in ("created_by", "train", "data"):  # keep what the trainer recorded about the run
-        if key in meta:
-            extra[key] = meta[key]
+        if key in recorded:
+            extra[key] = recorded[key]
     with staged_dir(out) as d:
         write_bundle_files(d, model, cfg, calibration, scorer=None, extra_meta=extra)
         if (src / BUNDLE_CALIB_TENSORS).is_file():

@@ -27,7 +27,6 @@ a log line says so, nothing is written, and the fp32 graph stays the one to depl
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 import time
@@ -39,14 +38,23 @@ from typing import Any
 
 import numpy as np
 
-from mae_ad.contract import INPUT_NAME, SCORE_NAME, UserError, read_calibration, sha256_file, write_json_atomic
+from mae_ad.contract import (
+    INPUT_NAME,
+    SCORE_NAME,
+    OnnxMeta,
+    UserError,
+    dump_meta,
+    read_calibration,
+    sha256_file,
+    write_json_atomic,
+)
 
 from .artifacts import (
     ONNX_META_KEY,
     ORT_INSTALL_HINT,
     import_optional,
     json_dumps,
-    read_sidecar,
+    read_onnx_meta,
     refuse_existing,
     sidecar_path,
     staged_files,
@@ -163,21 +171,16 @@ def _batches(paths: list[Path], size: int, batch: int) -> Iterator[np.ndarray]:
         yield load_stack(paths[i:i + batch], size)
 
 
-def onnx_meta(model_path: Path) -> dict[str, Any]:
+def onnx_meta(model_path: Path) -> OnnxMeta:
     """The scoring graph's mae-ad record: its sidecar, else its metadata_props. UserError when it has neither or
     no threshold."""
-    from .backends import meta_from_onnx_props
     from .opcheck import load_onnx
 
-    if sidecar_path(model_path).is_file():
-        meta = read_sidecar(model_path, "ONNX")
-    else:
-        proto = load_onnx(model_path)
-        meta = meta_from_onnx_props({p.key: p.value for p in proto.metadata_props}, model_path)
-    if meta.get("threshold") is None:
+    meta = read_onnx_meta(model_path, lambda: {p.key: p.value for p in load_onnx(model_path).metadata_props})
+    if meta.threshold is None:
         raise UserError(f"{model_path}: no calibrated threshold in its metadata; export a calibrated bundle")
-    if (meta.get("precision") or "fp32") != "fp32":
-        raise UserError(f"{model_path}: precision {meta.get('precision')!r}; quantise the fp32 export")
+    if (meta.precision or "fp32") != "fp32":
+        raise UserError(f"{model_path}: precision {meta.precision!r}; quantise the fp32 export")
     return meta
 
 
@@ -304,7 +307,7 @@ def quantize_onnx(
     if not model.is_file():
         raise UserError(f"{model}: ONNX file not found")
     meta = onnx_meta(model)
-    size, threshold = int(meta["input"]["size"]), float(meta["threshold"])
+    size, threshold = meta.input.size, float(meta.threshold or 0.0)
     cal_set = calibration_images(images, Path(bundle) if bundle is not None else None, max_images)
     sets = [cal_set] + ([test_images(Path(test), max_images)] if test is not None else [])
     log.info("calibrating int8 (%s, %s, %s) on %d normal images", target, method,
@@ -351,8 +354,8 @@ def quantize_onnx(
         q8 = onnx.load(str(dst))
         n_q = sum(n.op_type == "QuantizeLinear" for n in q8.graph.node)
         n_dq = sum(n.op_type == "DequantizeLinear" for n in q8.graph.node)
-        record = {
-            **copy.deepcopy(meta),
+        record: dict[str, Any] = {
+            **dump_meta(meta),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "precision": "int8",
             "quantization": {
@@ -384,6 +387,7 @@ def quantize_onnx(
             if bad:
                 raise UserError(f"{model}: the int8 graph holds ops TensorRT 10 does not take ({', '.join(bad)}); "
                                 "see `mae-ad check-trt`")
+        OnnxMeta.model_validate(record)  # the contract: a record the readers accept
         # the record travels in the graph as well, as `mae-ad export` does (a sidecar can be lost on a device)
         props = {p.key: p.value for p in proto.metadata_props}
         props.update({ONNX_META_KEY: json_dumps(record), "precision": "int8"})
@@ -394,7 +398,7 @@ def quantize_onnx(
             onnx.save_model(q8, str(tmp / out.name))
             record["onnx_sha256"] = sha256_file(tmp / out.name)
             record["onnx_bytes"] = (tmp / out.name).stat().st_size
-            write_json_atomic(tmp / sidecar_path(out).name, record)
+            write_json_atomic(tmp / sidecar_path(out).name, dump_meta(OnnxMeta.model_validate(record)))
     log.info("wrote %s (int8 %s, %.1f MB; %s)", out, target, record["onnx_bytes"] / 1e6,
              "; ".join(f"{k} agreement {v['fraction']:.2%}" for k, v in record["quantization"]["agreement"].items()))
     return record

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from mae_ad.contract import INPUT_NAME, MAP_NAME, SCORE_NAME, UserError
+from mae_ad.contract import INPUT_NAME, MAP_NAME, SCORE_NAME, EngineMeta, Prediction, UserError
 
 from .artifacts import PYCUDA_INSTALL_HINT, import_optional, read_sidecar, sidecar_path
+from .trtapi import import_tensorrt, make_logger
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +33,17 @@ class BatchTooLarge(UserError):
     """A batch larger than the engine's optimisation profile allows."""
 
 
-def check_compatible(meta: dict[str, Any], trt_version: str, gpu_name: str, compute_capability: str,
+def check_compatible(meta: EngineMeta, trt_version: str, gpu_name: str, compute_capability: str,
                      plan: Path) -> None:
     """Refuse an engine built by another TensorRT version or for another GPU."""
-    rebuild = f"rebuild it on this device: mae-ad build-engine {meta.get('onnx', 'model.onnx')} --out {plan}"
-    built = meta.get("tensorrt_version")
+    rebuild = f"rebuild it on this device: mae-ad build-engine {meta.onnx} --out {plan}"
+    built = meta.tensorrt_version
     if built != trt_version:
         raise UserError(f"{plan}: engine built with TensorRT {built}, this is TensorRT {trt_version}; "
                         f"engines are not portable, {rebuild}")
-    gpu = meta.get("gpu") or {}
-    if gpu.get("compute_capability") != compute_capability or gpu.get("name") != gpu_name:
-        raise UserError(f"{plan}: engine built for {gpu.get('name')} (compute {gpu.get('compute_capability')}), "
+    gpu = meta.gpu
+    if gpu.compute_capability != compute_capability or gpu.name != gpu_name:
+        raise UserError(f"{plan}: engine built for {gpu.name} (compute {gpu.compute_capability}), "
                         f"this GPU is {gpu_name} (compute {compute_capability}); engines are not portable, {rebuild}")
 
 
@@ -50,8 +51,6 @@ class TensorRTEngine:
     """A deserialised engine with its buffers. Use as a context manager, or call close()."""
 
     def __init__(self, plan: str | Path, *, device: int = 0, max_batch: int | None = None) -> None:
-        from .build import import_tensorrt, make_logger
-
         self.path = Path(plan)
         self._closed = True
         self._lock = threading.Lock()
@@ -60,7 +59,7 @@ class TensorRTEngine:
         if not sidecar_path(self.path).is_file():
             raise UserError(f"{sidecar_path(self.path)}: missing; it records the TensorRT version and GPU the engine "
                             "was built for (rebuild with `mae-ad build-engine`)")
-        self.meta = read_sidecar(self.path, "engine")
+        self.meta = read_sidecar(self.path, "engine", EngineMeta)
         trt = import_tensorrt()
         cuda = import_optional("pycuda.driver", PYCUDA_INSTALL_HINT)
         self._trt, self._cuda = trt, cuda
@@ -126,8 +125,8 @@ class TensorRTEngine:
                 raise UserError(f"{self.path}: could not bind tensor {name!r}")
         self._stream = cuda.Stream()
 
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """images float32 [B, 3, S, S] RGB in [0, 1] -> (maps float32 [B, 1, S, S], scores float32 [B])."""
+    def infer(self, images: np.ndarray) -> Prediction:
+        """images float32 [B, 3, S, S] RGB in [0, 1] -> Prediction(maps float32 [B, 1, S, S], scores float32 [B])."""
         if self._closed:
             raise RuntimeError(f"{self.path}: engine is closed")
         images = np.asarray(images)
@@ -160,7 +159,7 @@ class TensorRTEngine:
                 type(self._ctx).pop()
         maps = views[MAP_NAME][0].reshape(views[MAP_NAME][1]).astype(np.float32, copy=True)
         scores = views[SCORE_NAME][0].reshape(views[SCORE_NAME][1]).astype(np.float32, copy=True)
-        return maps, scores
+        return Prediction(maps, scores)
 
     def _free(self) -> None:
         for a in self._allocs:

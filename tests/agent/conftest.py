@@ -116,7 +116,7 @@ def recorder(broker):
 @pytest.fixture(scope="session")
 def video(tmp_path_factory) -> dict[str, Any]:
     """60 frames at 20 fps with defects in frames [12, 20) and [36, 44)."""
-    from agent.demo import write_product_video
+    from app.agent_demo import write_product_video
 
     return write_product_video(tmp_path_factory.mktemp("video") / "product.avi", n_frames=60, fps=20.0, size=96,
                                defect_segments=[(12, 20), (36, 44)], seed=3)

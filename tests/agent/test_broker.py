@@ -165,7 +165,7 @@ def _write_cfg(tmp_path: Path, cfg) -> Path:
 
 def _spawn(cfg_path: Path) -> subprocess.Popen[str]:
     exe = Path(sys.executable).with_name("mae-ad")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mae_ad.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
     return subprocess.Popen([*cmd, "run", "--config", str(cfg_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -201,7 +201,7 @@ def test_broker_outage_every_alert_arrives(tmp_path, broker, video):
 
     The agent reaches the broker through a gate the test opens only after its own subscriber is back, so the test
     cannot miss a message the agent delivers right after the restart."""
-    from agent.demo import write_product_video
+    from app.agent_demo import write_product_video
 
     clip = write_product_video(tmp_path / "busy.avi", n_frames=40, fps=20.0, size=96,
                                defect_segments=[(5, 12), (25, 32)], seed=5)  # an alert every second
@@ -294,7 +294,9 @@ def test_onnx_model_through_trt_backends_without_torch(tmp_path, broker, recorde
                     model={"backend": "onnxruntime", "path": str(onnx), "threads": 1})
     cfg_path = _write_cfg(tmp_path, cfg)
     code = ("import sys, threading; from agent.config import load_agent_config; from agent.loop import Agent; "
-            f"a = Agent(load_agent_config({str(cfg_path)!r})); a.run(duration_s=6, install_signals=False); "
+            "from app.engines import open_engine; "
+            f"a = Agent(load_agent_config({str(cfg_path)!r}), engines=open_engine); a.run(duration_s=6, "
+            "install_signals=False); "
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', a.frames_scored, a.model_id)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -109,7 +109,7 @@ def test_model_path_required_for_real_engines(tmp_path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("mae-ad")
-    cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m", "mae_ad.cli", *args]
+    cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m", "app.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

@@ -473,7 +473,7 @@ def test_config_errors_mask_set_values_and_ask_for_percent_encoding(tmp_path):
     # percent-encoded: accepted, and not printed back by validate-config
     cfg = load_agent_config(y, ["cameras.0.source=rtsp://admin:Line%233pw@127.0.0.1:8554/s"])
     assert cfg.cameras[0].source == "rtsp://admin:Line%233pw@127.0.0.1:8554/s"
-    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "validate-config", str(y), "--set",
+    r = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(y), "--set",
                         "cameras.0.source=rtsp://admin:Line%233pw@127.0.0.1:8554/s"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "rtsp://admin:***@127.0.0.1:8554/s" in r.stdout and "3pw" not in r.stdout + r.stderr
@@ -589,7 +589,7 @@ def rtsp_video(tmp_path_factory) -> Path:
     why = _rtsp_available()
     if why:
         pytest.skip(why)
-    from agent.demo import write_product_video
+    from app.agent_demo import write_product_video
 
     d = tmp_path_factory.mktemp("rtsp")
     write_product_video(d / "p.avi", n_frames=400, fps=10.0, size=96)

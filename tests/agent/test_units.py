@@ -18,8 +18,9 @@ from agent.config import CameraSection, CaptureSection, EvidenceSection, RoiSect
 # --- import boundary -------------------------------------------------------------------------------------------
 def test_import_agent_loads_no_torch_or_timm():
     code = ("import sys, agent, agent.config, agent.backend, agent.capture, agent.preprocess, agent.decide, "
-            "agent.spool, agent.mqtt, agent.health, agent.loop, agent.cli, agent.broker, agent.demo, agent.bench, "
-            "agent.evidence; bad = [m for m in ('torch', 'timm', 'loralib') if m in sys.modules]; print(bad)")
+            "agent.spool, agent.mqtt, agent.health, agent.loop, agent.commands, agent.broker, agent.web, "
+            "agent.evidence, app.cli_watch, app.engines, app.agent_demo, app.agent_bench; "
+            "bad = [m for m in ('torch', 'timm', 'loralib') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -118,7 +119,7 @@ def test_brightness_backend_honours_protocol_and_flags_defects():
     defect = np.stack([prep(add_defect(normal_tile(rng, 160), k, rng)[0]) for k in ("crack", "spot") * 4])
     maps, scores = b.infer(np.concatenate([normal, defect]))
     assert maps.shape == (16, 1, 64, 64) and maps.dtype == np.float32 and scores.shape == (16,)
-    thr = b.meta["threshold"]
+    thr = b.meta.threshold
     assert (scores[:8] < thr).all() and (scores[8:] > thr).all()
     with pytest.raises(ValueError):
         b.infer(np.zeros((1, 3, 32, 32), np.float32))

@@ -65,7 +65,7 @@ def test_cli_non_local_bind_without_token_is_one_error_line(tmp_path):
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(json.dumps({"model": {"backend": "brightness"}, "cameras": [{"name": "c", "source": "x.avi"}],
                                "web": {"enabled": True, "host": "192.168.1.10"}}))
-    p = subprocess.run([sys.executable, "-m", "mae_ad.cli", "run", "--config", str(cfg)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "app.cli", "run", "--config", str(cfg)], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2, p.stderr
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -121,7 +121,7 @@ def test_overlay_stays_in_the_model_region_and_draws_the_threshold_contour():
 @pytest.fixture
 def long_video(tmp_path_factory):
     """200 frames at 20 fps, 256 px, one defect in frames [50, 90)."""
-    from agent.demo import write_product_video
+    from app.agent_demo import write_product_video
 
     return write_product_video(tmp_path_factory.mktemp("webvideo") / "product.avi", n_frames=200, fps=20.0,
                                size=256, defect_segments=[(50, 90)], seed=5)
@@ -348,7 +348,7 @@ def test_agent_demo_prints_the_page_address_while_it_runs(tmp_path):
     import threading
 
     from agent.broker import mosquitto_path
-    from agent.demo import run_agent_demo
+    from app.agent_demo import run_agent_demo
 
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed")

@@ -36,9 +36,9 @@ def test_torch_and_onnxruntime_backends_agree(tiny_bundle, onnx_model):
     with open_backend("torch", tiny_bundle) as tb, open_backend("onnxruntime", onnx_model, threads=1,
                                                                 max_batch=3) as ob:
         assert (tb.input_size, ob.input_size) == (32, 32) and ob.max_batch == 3 and tb.max_batch is None
-        assert tb.meta["threshold"] == pytest.approx(ob.meta["threshold"]) and tb.meta["threshold"] is not None
-        assert tb.meta["model_id"] == ob.meta["model_id"]
-        assert ob.meta["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+        assert tb.meta.threshold == pytest.approx(ob.meta.threshold) and tb.meta.threshold is not None
+        assert tb.meta.model_id == ob.meta.model_id
+        assert ob.meta.input.mean == pytest.approx([0.485, 0.456, 0.406])
         tm, ts = tb.infer(x)
         om, os_ = ob.infer(x)
         assert tm.dtype == om.dtype == np.float32 and om.shape == (3, 1, 32, 32) and os_.shape == (3,)
@@ -58,7 +58,7 @@ def test_onnx_metadata_without_sidecar(onnx_model, tmp_path):
     shutil.copy(onnx_model, lone)  # no lone.onnx.meta.json: metadata_props are enough
     with open_backend("onnxruntime", lone) as be:
         sidecar = json.loads(Path(str(onnx_model) + ".meta.json").read_text())
-        assert be.meta["threshold"] == pytest.approx(sidecar["threshold"]) and be.input_size == 32
+        assert be.meta.threshold == pytest.approx(sidecar["threshold"]) and be.input_size == 32
 
 
 def test_onnxruntime_and_tensorrt_paths_import_no_torch(onnx_model):

@@ -75,16 +75,16 @@ def test_onnxruntime_variant_is_asymmetric_and_check_trt_rejects_it(fp32_onnx, s
     from trt.backends import open_backend
 
     out = tmp_path / "ort.int8.onnx"
-    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "quantize", str(fp32_onnx), "--images",
+    r = subprocess.run([sys.executable, "-m", "app.cli", "quantize", str(fp32_onnx), "--images",
                         str(synthetic_data / "train" / "good"), "--out", str(out), "--min-agreement", "0"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "calibration: " in r.stdout and "decisions agree" in r.stdout
-    chk = subprocess.run([sys.executable, "-m", "mae_ad.cli", "check-trt", str(out)], capture_output=True,
+    chk = subprocess.run([sys.executable, "-m", "app.cli", "check-trt", str(out)], capture_output=True,
                          text=True, timeout=120)
     assert chk.returncode == 1 and "UINT8 zero point" in chk.stdout
     with open_backend("onnxruntime", out) as be:  # the agent's backend opens it as any other graph
-        assert be.meta["precision"] == "int8"
+        assert be.meta.precision == "int8"
         maps, scores = be.infer(np.full((2, 3, be.input_size, be.input_size), 0.5, np.float32))
         assert maps.shape == (2, 1, be.input_size, be.input_size) and np.isfinite(scores).all()
 
@@ -112,7 +112,7 @@ def test_refused_when_decisions_disagree_writes_nothing(fp32_onnx, synthetic_dat
     with pytest.raises(QuantizationRefused, match="agree"):
         quantize_onnx(model, cal_dir, out_dir / "m.int8.onnx", min_agreement=1.0)
     assert _leftovers(out_dir) == []
-    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "quantize", str(model), "--images", str(cal_dir),
+    r = subprocess.run([sys.executable, "-m", "app.cli", "quantize", str(model), "--images", str(cal_dir),
                         "--out", str(out_dir / "m.int8.onnx"), "--min-agreement", "1"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "refused:" in r.stderr and "int8 refused" in r.stderr
@@ -136,7 +136,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(fp32_onnx, synthetic_dat
     out_dir.mkdir()
     subs = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "good": synthetic_data / "train" / "good"}
     argv = [a.format(**subs) for a in args]
-    r = subprocess.run([sys.executable, "-m", "mae_ad.cli", "quantize", str(fp32_onnx), *argv, "--out",
+    r = subprocess.run([sys.executable, "-m", "app.cli", "quantize", str(fp32_onnx), *argv, "--out",
                         str(out_dir / "x.onnx")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

@@ -217,7 +217,7 @@ def test_tensorrt_backend_interface(onnx_pair, tmp_path, monkeypatch):
     x = np.random.default_rng(1).random((2, 3, 32, 32), dtype=np.float32)
     with open_backend("tensorrt", plan) as be, open_backend("onnxruntime", fp32) as ref:
         assert be.max_batch == 2 and be.input_size == 32 and be.name == "tensorrt"
-        assert be.meta["threshold"] == pytest.approx(ref.meta["threshold"]) and be.meta["model_id"]
+        assert be.meta.threshold == pytest.approx(ref.meta.threshold) and be.meta.model_id
         maps, scores = be.infer(x)
         rm, rs = ref.infer(x)
         np.testing.assert_allclose(maps, rm, atol=1e-6)

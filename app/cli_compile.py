@@ -1,5 +1,5 @@
-"""Commands of the compile stage, added to `mae-ad` by `register(app)`: merge, export, quantize, check-trt,
-build-engine.
+"""Commands of the compile stage (trt/), added to `mae-ad` by `register(app)`: merge, export, quantize, check-trt,
+build-engine, probe.
 
 Heavy modules (torch, onnx, tensorrt) are imported inside each command, so `mae-ad --help` stays light.
 """
@@ -15,7 +15,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
 def _logging(verbose: bool) -> None:
-    from mae_ad.cli import setup_logging
+    from .common import setup_logging
 
     setup_logging(verbose)
 
@@ -27,7 +27,7 @@ def merge(
 ) -> None:
     """Fold every LoRA adapter into its base weight; write a bundle of plain linears (meta.json merged: true)."""
     _logging(verbose)
-    from .merge import merge_bundle
+    from trt.merge import merge_bundle
 
     typer.echo(str(merge_bundle(bundle, out)))
 
@@ -47,7 +47,7 @@ def export(
 ) -> None:
     """Export the whole scoring graph (image -> anomaly_map, score) with dynamic batch and metadata."""
     _logging(verbose)
-    from .export import export_onnx
+    from trt.export import export_onnx
 
     path = export_onnx(bundle, out, fp16=fp16, opset=opset, max_batch=max_batch, exporter=exporter,
                        external_data=external_data, verify=verify)
@@ -58,7 +58,7 @@ def check_trt(
     model: Annotated[Path, typer.Argument(help="ONNX model to check")],
 ) -> None:
     """Check every op of an ONNX graph against TensorRT 10's ONNX support matrix; exit 1 if any is unsupported."""
-    from .opcheck import check_file, format_table
+    from trt.opcheck import check_file, format_table
 
     rows = check_file(model)
     typer.echo(format_table(rows))
@@ -94,7 +94,7 @@ def quantize(
     """INT8 post-training quantisation (ONNX Runtime, QDQ, calibrated on normal images), kept only if it reproduces
     the fp32 decisions at the model's threshold; exit 1 and nothing written when it does not."""
     _logging(verbose)
-    from .quantize import QuantizationRefused, quantize_onnx
+    from trt.quantize import QuantizationRefused, quantize_onnx
 
     try:
         rec = quantize_onnx(model, images, out, bundle=bundle, test=test, target=target, method=method,
@@ -125,7 +125,7 @@ def build_engine(
 ) -> None:
     """Build a TensorRT engine on this device, with a meta.json (TensorRT version, GPU, ONNX hash, profile)."""
     _logging(verbose)
-    from .build import build_engine as build
+    from trt.build import build_engine as build
 
     typer.echo(str(build(model, out, fp16=fp16, workspace_mb=workspace_mb, max_batch=max_batch, opt_batch=opt_batch,
                          timing_cache=timing_cache, device=device)))
@@ -144,7 +144,7 @@ def probe(
 
     import numpy as np
 
-    from .backends import open_backend
+    from trt.backends import open_backend
 
     kind = backend
     if kind == "auto":
@@ -163,8 +163,8 @@ def probe(
             t0 = time.perf_counter()
             maps, scores = be.infer(images)
             times.append(time.perf_counter() - t0)
-        typer.echo(f"backend={be.name} model_id={be.meta.get('model_id')} threshold={be.meta.get('threshold')} "
-                   f"size={s} max_batch={be.max_batch} precision={be.meta.get('precision')}")
+        typer.echo(f"backend={be.name} model_id={be.meta.model_id} threshold={be.meta.threshold} "
+                   f"size={s} max_batch={be.max_batch} precision={be.meta.precision}")
         typer.echo(f"batch={batch} maps={tuple(maps.shape)} scores={np.round(scores, 5).tolist()} "
                    f"latency_ms={1000 * min(times):.2f} per_image_ms={1000 * min(times) / batch:.2f}")
 

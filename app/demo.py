@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .contract import UserError
+from mae_ad.contract import UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,16 @@ def camera_roundtrip(root: Path) -> int:
     if not paths:
         return 0
     first = cv2.imread(str(paths[0]))
+    if first is None:
+        raise RuntimeError(f"{paths[0]}: OpenCV cannot read the image")
     h, w = first.shape[:2]
     tmp = root / ".roundtrip.avi"
     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (w, h))  # type: ignore[attr-defined]
     for p in paths:
-        writer.write(cv2.imread(str(p)))
+        img = cv2.imread(str(p))
+        if img is None:
+            raise RuntimeError(f"{p}: OpenCV cannot read the image")
+        writer.write(img)
     writer.release()
     cap = cv2.VideoCapture(str(tmp))
     try:
@@ -87,8 +92,8 @@ def _say(msg: str) -> None:
 
 
 def run_demo(out: Path, minutes: float = 2.0, fresh: bool = True, agent_seconds: float = 20.0) -> dict[str, Any]:
-    from .config import load_config
-    from .synthetic import write_dataset
+    from mae_ad.config import load_config
+    from mae_ad.synthetic import write_dataset
 
     out = Path(out)
     if out.exists():
@@ -106,10 +111,10 @@ def run_demo(out: Path, minutes: float = 2.0, fresh: bool = True, agent_seconds:
     camera_roundtrip(data)
     cfg = load_config(None, DEMO_OVERRIDES + [f"train.max_minutes={minutes}"])
     _say(f"[1/3 learn] training {cfg.name} for up to {minutes:g} min (normal images only)")
-    from .train import run_training
+    from mae_ad.train import run_training
 
     bundle = run_training(cfg, data, out / "bundle")
-    from .evaluate import run_evaluation
+    from mae_ad.evaluate import run_evaluation
 
     metrics = run_evaluation(bundle, data, out / "report")
     summary["learn"] = {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "f1", "threshold")}
@@ -140,7 +145,7 @@ def _compile(bundle: Path, out: Path) -> dict[str, Any]:
 
 def _watch(onnx: Path, out: Path, seconds: float) -> dict[str, Any]:
     try:
-        from agent.demo import run_agent_demo
+        from .agent_demo import run_agent_demo
     except ModuleNotFoundError:
         _say("[3/3 watch] skipped: the agent package is not installed")
         return {}

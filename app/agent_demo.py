@@ -180,9 +180,11 @@ def run_agent_demo(model: str | Path | None, out: str | Path, seconds: float = 2
     """Write a product video, start a broker, run the agent on the video for `seconds`, print the messages as they
     arrive and the live view's address (127.0.0.1:`web_port`, another free port if that one is taken; read-only:
     no action token), stop everything and return a summary."""
-    from .broker import start_local_broker
-    from .config import agent_config_from_dict
-    from .loop import Agent
+    from agent.broker import start_local_broker
+    from agent.config import agent_config_from_dict
+    from agent.loop import Agent
+
+    from .engines import open_engine
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +203,7 @@ def run_agent_demo(model: str | Path | None, out: str | Path, seconds: float = 2
         "web": {"enabled": True, "host": "127.0.0.1", "port": _free_or_any(web_port)},
     }, "<agent demo>")
     view = LiveView("127.0.0.1", brk.port, f"mae-ad/{agent_id}", protocol, stream)
-    agent = Agent(cfg)
+    agent = Agent(cfg, engines=open_engine)
     try:
         view.start()
         if stream is not None:

@@ -2,19 +2,21 @@
 
 Each command imports what it needs inside its body, so `mae-ad --help` and the agent's commands never load torch.
 User mistakes (UserError) print one line `error: ...` on stderr and exit with code 2, without a traceback.
-The compile stage (trt/cli.py) and the watch stage (agent/cli.py) add their commands through `register(app)`.
+The compile stage's commands (app/cli_compile.py) and the watch stage's (app/cli_watch.py) are added through
+their `register(app)`.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .contract import UserError
+from mae_ad.contract import UserError
+
+from . import cli_compile, cli_watch
+from .common import setup_logging
 
 app = typer.Typer(
     name="mae-ad",
@@ -29,15 +31,6 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: secti
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-
-
 @app.command("validate-config")
 def validate_config(
     file: Annotated[Path, typer.Argument(help="config YAML to check")],
@@ -45,7 +38,7 @@ def validate_config(
     kind: Annotated[str, typer.Option(help="model (training config) or agent (agent config); auto by content")] = "auto",
 ) -> None:
     """Check a config file; print the resolved configuration or the key at fault."""
-    from .config import dump_config, load_config, read_yaml
+    from mae_ad.config import dump_config, load_config, read_yaml
 
     if kind == "auto":
         data = read_yaml(file)
@@ -72,8 +65,8 @@ def train(
 ) -> None:
     """Train on normal images only, calibrate on held-back normal images, write a model bundle."""
     setup_logging(verbose)
-    from .config import load_config
-    from .train import run_training
+    from mae_ad.config import load_config
+    from mae_ad.train import run_training
 
     cfg = load_config(config, set_)
     bundle = run_training(cfg, data, out, resume=resume)
@@ -90,7 +83,7 @@ def calibrate_cmd(
 ) -> None:
     """Re-calibrate a bundle (new scoring.* settings or calibration.target_fpr) on its held-back normal images."""
     setup_logging(verbose)
-    from .calibrate import recalibrate
+    from mae_ad.calibrate import recalibrate
 
     typer.echo(str(recalibrate(bundle, data, out, set_)))
 
@@ -111,7 +104,7 @@ def evaluate(
     """Image/pixel AUROC, AUPRO, F1 at the calibrated threshold, the training-free baseline beside;
     metrics.json, report.md and plots."""
     setup_logging(verbose)
-    from .evaluate import run_evaluation
+    from mae_ad.evaluate import run_evaluation
 
     metrics = run_evaluation(bundle, data, out, batch_size=batch_size, baseline=baseline, eval_size=eval_size)
     typer.echo(" ".join(f"{k}={metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1")
@@ -127,7 +120,7 @@ def predict(
 ) -> None:
     """Score images: anomaly maps, heatmap overlays and a scores.csv."""
     setup_logging(verbose)
-    from .evaluate import run_predict
+    from mae_ad.evaluate import run_predict
 
     run_predict(bundle, images, out)
 
@@ -142,7 +135,7 @@ def prepare_data(
     seed: int = 0,
 ) -> None:
     """Build the MVTec layout from loose folders (clashing names renamed, masks checked)."""
-    from .prepare import prepare_dataset
+    from mae_ad.prepare import prepare_dataset
 
     root = prepare_dataset(out, good, defect or [], test_fraction=test_fraction, seed=seed)
     typer.echo(str(root))
@@ -156,7 +149,7 @@ def make_corpus(
     seed: int = 0,
 ) -> None:
     """Draw a broad corpus of procedural surface textures for pretraining a base MAE once (docs/learn.md)."""
-    from .corpus import write_corpus
+    from mae_ad.corpus import write_corpus
 
     counts = write_corpus(out, n=n, size=size, seed=seed)
     typer.echo(f"{out}: {n} images (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
@@ -170,7 +163,7 @@ def bench(
     seconds: Annotated[float, typer.Option(help="time per measurement")] = 10.0,
 ) -> None:
     """Throughput on this machine as a fraction of the best fp32 GEMM any installed engine reaches (the ceiling)."""
-    from .bench import run_bench
+    from mae_ad.bench import run_bench
 
     run_bench(what, [p.strip() for p in presets.split(",") if p.strip()], out, seconds)
 
@@ -203,7 +196,7 @@ def sweep(
 ) -> None:
     """Train and evaluate each trial of a small search or ablation; results in OUT/results.csv (and TensorBoard)."""
     setup_logging(verbose)
-    from .sweep import run_sweep
+    from mae_ad.sweep import run_sweep
 
     rows = run_sweep(space, data, out, config=config, overrides=set_, mode=mode, trials=trials, seed=seed)
     typer.echo(f"{out / 'results.csv'}: {sum(r['status'] == 'ok' for r in rows)}/{len(rows)} trials ok")
@@ -225,12 +218,12 @@ def baseline(
     """A training-free baseline (kNN on pretrained features, or patch statistics): image/pixel AUROC, AUPRO and F1
     on a dataset's test set, with the same training/held-back split and threshold rule as `train`."""
     setup_logging(verbose)
-    from .baseline import score_dataset
-    from .contract import write_json_atomic
+    from mae_ad.baseline import score_dataset
+    from mae_ad.contract import write_json_atomic
 
     backbone = None
     if config is not None:
-        from .config import load_config
+        from mae_ad.config import load_config
 
         cfg = load_config(config)
         backbone, size = cfg.model.backbone, cfg.model.img_size
@@ -246,18 +239,8 @@ def baseline(
                         if isinstance(metrics.get(k), float)))
 
 
-def _register_stages() -> None:
-    for mod in ("trt.cli", "agent.cli"):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name and (e.name == mod or mod.startswith(e.name + ".")):
-                continue
-            raise
-        module.register(app)
-
-
-_register_stages()
+cli_compile.register(app)
+cli_watch.register(app)
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""The watch stage's commands, added to `mae-ad` by `register(app)`. Imports live inside the command bodies."""
+"""The watch stage's commands (agent/), added to `mae-ad` by `register(app)`. Imports live inside the command
+bodies; `run` hands the agent the compile stage's engine opener (`trt.backends.open_backend`), imported only when
+the configured engine is a real one, so the agent never imports trt itself."""
 
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
     ) -> None:
         """Watch the cameras, score every frame it can, publish scores, alerts and heatmaps over MQTT."""
-        from mae_ad.cli import setup_logging
+        from agent.config import install_log_redaction, load_agent_config
         from mae_ad.contract import UserError
 
-        from .config import install_log_redaction, load_agent_config
+        from .common import setup_logging
 
         setup_logging(verbose)
         install_log_redaction()
@@ -33,9 +35,11 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"OpenCV cannot be imported ({e}): install mae-ad[agent] (pip OpenCV), or keep the "
                             "system/JetPack OpenCV: a venv made with --system-site-packages and mae-ad"
                             "[agent-system-opencv] (docs/agent.md, 'Jetson')") from None
-        from .loop import Agent
+        from agent.loop import Agent
 
-        code = Agent(cfg).run(duration_s=duration)
+        from .engines import open_engine
+
+        code = Agent(cfg, engines=open_engine).run(duration_s=duration)
         raise typer.Exit(code)
 
     @app.command("agent-demo")
@@ -51,9 +55,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The watch stage on its own: a synthetic product video with defects, a local broker, the agent, and a
         live view of the MQTT messages."""
-        from mae_ad.cli import setup_logging
-
-        from .demo import run_agent_demo
+        from .agent_demo import run_agent_demo
+        from .common import setup_logging
 
         setup_logging(False)
         summary = run_agent_demo(model, out, seconds=seconds, backend=backend, broker=broker)
@@ -73,9 +76,8 @@ def register(app: typer.Typer) -> None:
                                                     "it decodes")] = True,
     ) -> None:
         """Agent frames/s vs the bare engine, stage latency, memory, time to first score, alerts in an outage."""
-        from mae_ad.cli import setup_logging
-
-        from .bench import run_agent_bench
+        from .agent_bench import run_agent_bench
+        from .common import setup_logging
 
         setup_logging(False)
         res = run_agent_bench(model, backend=backend, seconds=seconds, cameras=cameras, threads=threads, out=out,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .demo import _guess_backend, write_product_video
+from .agent_demo import _guess_backend, write_product_video
 
 
 def _model_section(model: str | None, backend: str | None, threads: int | None) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def _frames_for(be: Any, n: int) -> np.ndarray:
 
 def _agent_cfg(work: Path, port: int, protocol: str, model: dict[str, Any], cams: list[dict[str, Any]],
                **extra: Any) -> Any:
-    from .config import agent_config_from_dict
+    from agent.config import agent_config_from_dict
 
     data: dict[str, Any] = {"agent_id": "bench", "model": model, "cameras": cams,
             "evidence": {"dir": str(work / "evidence")},
@@ -68,11 +68,13 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
                     realtime: bool = True) -> dict[str, Any]:
     """realtime: the video plays at its 25 fps, like a camera (the default); False: decoded as fast as possible,
     which puts a decoder thread on the engine's cores and measures that contention too."""
-    from .backend import open_backend
-    from .broker import start_local_broker
-    from .config import ModelSection
-    from .demo import LiveView
-    from .loop import Agent
+    from agent.backend import open_backend
+    from agent.broker import start_local_broker
+    from agent.config import ModelSection
+    from agent.loop import Agent
+
+    from .agent_demo import LiveView
+    from .engines import open_engine
 
     work = Path(tempfile.mkdtemp(prefix="mae-ad-agent-bench-"))
     msec = _model_section(model, backend, threads)
@@ -82,8 +84,8 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
                            "cameras": cameras, "realtime": realtime, "threads": threads, "cpu_count": os.cpu_count(),
                            "broker": type(brk).__name__}
     try:
-        be = open_backend(ModelSection(**msec))
-        res["model_id"], res["input_size"] = be.meta.get("model_id"), be.input_size
+        be = open_backend(ModelSection(**msec), open_engine)
+        res["model_id"], res["input_size"] = be.meta.model_id, be.input_size
         batch = _frames_for(be, cameras)
         res["bare"] = _bare_fps(be, batch, seconds)
 
@@ -129,8 +131,9 @@ def _process_run(work: Path, port: int, protocol: str, msec: dict[str, Any], vid
                  seconds: float) -> dict[str, Any]:
     import psutil
 
-    from .config import dump_agent_config
-    from .demo import LiveView
+    from agent.config import dump_agent_config
+
+    from .agent_demo import LiveView
 
     work.mkdir(parents=True, exist_ok=True)
     cfg = _agent_cfg(work, port, protocol, msec, [{"name": "cam", "source": video, "loop": True}],
@@ -139,7 +142,7 @@ def _process_run(work: Path, port: int, protocol: str, msec: dict[str, Any], vid
     cfg_path.write_text(dump_agent_config(cfg))
     view = LiveView("127.0.0.1", port, "mae-ad/bench", protocol, None).start()
     exe = Path(sys.executable).with_name("mae-ad")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mae_ad.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
     t0 = time.perf_counter()
     proc = subprocess.Popen([*cmd, "run", "--config", str(cfg_path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -170,9 +173,10 @@ def _process_run(work: Path, port: int, protocol: str, msec: dict[str, Any], vid
 
 def _outage_run(work: Path, msec: dict[str, Any]) -> dict[str, Any]:
     """Kill the broker (SIGKILL) for 5 s while alerts keep coming; count what arrives."""
-    from .broker import MosquittoBroker, TcpGate, mosquitto_path
-    from .demo import LiveView
-    from .loop import Agent
+    from agent.broker import MosquittoBroker, TcpGate, mosquitto_path
+    from agent.loop import Agent
+
+    from .agent_demo import LiveView
 
     if mosquitto_path() is None:
         return {"skipped": "needs mosquitto"}
