@@ -197,11 +197,11 @@ def source_weights_path(cfg: BackboneConfig) -> Path:
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A flat state dict from `.safetensors` or a weights-only torch file (`checkpoint.read_state`, the reader
+    """A flat state dict from `.safetensors` or a weights-only torch file (`weights.read_weights_file`, the reader
     of model.pretrained: `model`/`state_dict` unwrapped, no pickle)."""
-    from .checkpoint import read_state  # checkpoint imports the model, which imports this module
+    from .weights import read_weights_file
 
-    return read_state(path)
+    return read_weights_file(path)
 
 
 # EfficientNet-PyTorch names -> timm names. In a block with an expansion conv (timm InvertedResidual) the order is

@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from timm.layers import resample_patch_embed
 
 from .contract import UserError
 from .lora import DECODER_PREFIXES
 from .model import MaskedAutoencoderViT, sincos_pos_embed_2d
+from .weights import read_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +67,7 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         if not (p / BUNDLE_META).is_file():
             raise UserError(f"{p}: a directory given as model.pretrained must be a model bundle (no {BUNDLE_META})")
         return bundle_base_state(p)
-    if not p.is_file():
-        raise UserError(f"{p}: pretrained weights file not found (model.pretrained)")
-    if p.suffix == ".safetensors":
-        try:
-            state = load_file(str(p))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{p}: cannot read safetensors weights ({e})") from None
-    else:
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{p}: cannot read as a weights-only torch checkpoint ({first})") from None
-        for key in ("model", "state_dict"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{p}: expected a dict of tensors (optionally under 'model'), got {type(state).__name__}")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return read_weights_file(p)
 
 
 def load_pretrained(model: MaskedAutoencoderViT, path: str | os.PathLike[str]) -> dict[str, list[str]]:

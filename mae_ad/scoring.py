@@ -261,8 +261,8 @@ class Scorer(nn.Module):
 
     def set_knn_memory(self, cells: torch.Tensor, owner: torch.Tensor | None = None) -> None:
         """Normal token cells [N, C] -> the memory: all of them, or a greedy k-center coreset of
-        scoring.knn_memory cells (`baseline.greedy_coreset`). `owner` [N]: source image id of each cell."""
-        from .baseline import greedy_coreset
+        scoring.knn_memory cells (`coreset.greedy_coreset`). `owner` [N]: source image id of each cell."""
+        from .coreset import greedy_coreset
 
         keep = greedy_coreset(cells, self.cfg.scoring.knn_memory) if cells.shape[0] > self.cfg.scoring.knn_memory \
             else torch.arange(cells.shape[0])
