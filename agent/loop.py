@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mae_ad.contract import RESIZE_POLICIES, UserError
+from mae_ad.contract import RESIZE_POLICIES, Prediction, UserError
 
 from .backend import Backend, EngineOpener, model_threshold, open_backend
 from .capture import ENDED, FAILED, PAUSED, STREAMING, CameraReader, Frame, opencv_line
@@ -312,7 +312,7 @@ class Agent:
         prepped = [preprocess(f.image, cs.cam, size, self.resize) for cs, f in batch]
         x = np.stack([p[0] for p in prepped])
         t1 = time.monotonic()
-        maps, scores = self.backend.infer(x)
+        maps, scores = Prediction.checked(*self.backend.infer(x), f"backend {self.backend.name}")
         t2 = time.monotonic()
         n = len(batch)
         self.batches += 1
