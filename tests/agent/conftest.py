@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ def broker(tmp_path, pki):
 
 
 class Recorder:
-    """A paho subscriber on `<base>/#` that keeps every message (topic, payload) in arrival order."""
+    """A paho subscriber on `<base>/#` that keeps every message (topic, payload) in arrival order. `stop()` checks
+    every JSON payload the agent published against its topic's schema (agent/schemas, agent.payloads), so every
+    test that records the agent also checks what it really publishes."""
 
     def __init__(self, port: int, base: str = "mae-ad/t"):
         import paho.mqtt.client as mqtt
@@ -85,9 +88,35 @@ class Recorder:
         assert self.subscribed.wait(10), "recorder could not subscribe"
         return self
 
-    def stop(self) -> None:
+    def stop(self, check: bool = True) -> None:
         self.c.disconnect()
         self.c.loop_stop()
+        if check:
+            self.check_payloads()
+
+    def check_payloads(self) -> Counter[str]:
+        """Validate every recorded JSON payload of the agent against the JSON Schema of its topic (AssertionError
+        listing each message and field at fault); returns how many messages each schema checked."""
+        from jsonschema import Draft202012Validator
+
+        from agent.payloads import load_schema, schema_for_topic
+
+        validators: dict[str, Draft202012Validator] = {}
+        seen: Counter[str] = Counter()
+        errors: list[str] = []
+        with self.lock:
+            messages = list(self.messages)
+        for topic, payload, _ in messages:
+            name = schema_for_topic(topic[len(self.base) + 1:]) if topic.startswith(self.base + "/") else None
+            if name is None:
+                continue
+            if name not in validators:
+                validators[name] = Draft202012Validator(load_schema(name))
+            seen[name] += 1
+            for e in validators[name].iter_errors(json.loads(payload)):
+                errors.append(f"{topic} ({name}): {e.json_path}: {e.message}")
+        assert not errors, "payloads that do not match their schema:\n" + "\n".join(errors[:20])
+        return seen
 
     def payloads(self, suffix: str, state: bool = False) -> list[bytes]:
         """Payloads of topics ending in /suffix (command replies under state/ only with state=True)."""
