@@ -32,7 +32,7 @@ def schema_file(name: str) -> str:
 
 def load_schema(name: str) -> dict[str, Any]:
     """A payload schema as a dict (read from the installed package's data)."""
-    text = resources.files("agent").joinpath("schemas", schema_file(name)).read_text(encoding="utf-8")
+    text = resources.files("agent").joinpath("schemas").joinpath(schema_file(name)).read_text(encoding="utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
 

@@ -90,7 +90,7 @@ def preset_config(preset: str) -> Config:
 def ready_scorer(cfg: Config) -> Scorer:
     """A randomly initialised scorer of `cfg` with everything scoring touches in place (a full kNN memory)."""
     torch.manual_seed(0)
-    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    scorer = Scorer(build_model(cfg.model), cfg.scoring, cfg.data).eval()
     if scorer.knn_weight > 0:
         scorer.set_knn_memory(torch.randn(cfg.scoring.knn_memory, scorer.model.token_chans))
     return scorer

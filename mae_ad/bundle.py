@@ -141,7 +141,7 @@ def load_scorer(path: str | os.PathLike[str], device: str = "cpu", require_calib
 
     p = Path(path)
     cfg, model, meta = load_bundle(p, device)
-    scorer = Scorer(model, cfg).to(device).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).to(device).eval()
     cal = None
     if (p / BUNDLE_CALIBRATION).is_file() or require_calibration:
         cal = read_calibration(p)

@@ -96,7 +96,7 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
         raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the bundle")
     cfg, model, meta = load_bundle(bundle)
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{bundle} (with --set {overrides})")
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     arr, places = load_stack_placed(paths, cfg.model.img_size, cfg.data.resize)
     images = torch.from_numpy(arr)
     stats_images, stats_places = training_stats_placed(cfg, lambda: _bundle_training_paths(data, holdout))

@@ -143,10 +143,10 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
     train = [p for p in index.train if str(p.relative_to(index.root)) not in held]
     hold = [p for p in index.train if str(p.relative_to(index.root)) in held]
     size = images.shape[-1]
-    resize = scorer.cfg.data.resize
+    resize = scorer.data.resize
     base: Any
     if scorer.features:
-        base = KnnBaseline(scorer.cfg.model.backbone, size, tokenizer=scorer.model.backbone)
+        base = KnnBaseline(scorer.model.cfg.backbone, size, tokenizer=scorer.model.backbone)
         method = "kNN on the model's backbone features (training-free, PatchCore-style, full memory)"
     else:
         base = PatchStatsBaseline(scorer.model.patch_size)
@@ -159,12 +159,12 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
     if hold:
         hold_imgs, hold_places = load_stack_placed(hold, size, resize)
         hold_maps, hold_scores = base.score(torch.from_numpy(hold_imgs))
-        hs = valid_scores(hold_maps, hold_places, scorer.cfg.scoring) if resize != "squash" else \
+        hs = valid_scores(hold_maps, hold_places, scorer.scoring) if resize != "squash" else \
             hold_scores.double().numpy()
         threshold = float(np.quantile(hs, 1 - float(cal.get("target_fpr", 0.01)), method="higher"))
     maps_t, scores_t = base.score(torch.from_numpy(images))
     maps = maps_t[:, 0].numpy()
-    scores = valid_scores(maps_t, places, scorer.cfg.scoring) if resize != "squash" else scores_t.double().numpy()
+    scores = valid_scores(maps_t, places, scorer.scoring) if resize != "squash" else scores_t.double().numpy()
     out: dict[str, Any] = {"method": method, "n_train_images": len(train), "threshold": threshold}
     im = M.image_metrics(labels, scores, threshold)
     out.update({k: _finite(im[k]) for k in ("image_auroc", "f1")})
@@ -210,7 +210,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     from .scoring import score_batches, valid_scores
 
     scorer, _, meta = load_scorer(bundle, require_calibration=True)
-    if scorer.cfg.model.img_size != size:  # pragma: no cover - the same config file read twice
+    if scorer.img_size != size:  # pragma: no cover - the same config file read twice
         raise UserError(f"{bundle / BUNDLE_CONFIG}: changed while evaluating")
     threshold = float(cal["threshold"])
     labels = np.array([s.label for s in samples], np.int64)
@@ -224,7 +224,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     maps_t, scores_t = score_batches(scorer, torch.from_numpy(images), batch_size)
     t_score = time.perf_counter() - t0
     maps = maps_t[:, 0].cpu().numpy().astype(np.float32, copy=False)
-    scores = valid_scores(maps_t, places, scorer.cfg.scoring) if resize != "squash" else \
+    scores = valid_scores(maps_t, places, scorer.scoring) if resize != "squash" else \
         scores_t.double().cpu().numpy()
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
@@ -619,7 +619,7 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
     threshold = float(cal["threshold"]) if cal is not None else None
     if threshold is None:
         log.warning("%s: bundle has no calibration; scores.csv will have no threshold or verdict", bundle)
-    size, resize = scorer.cfg.model.img_size, scorer.cfg.data.resize
+    size, resize = scorer.img_size, scorer.data.resize
     rows: list[list[str]] = []
     used: set[str] = set()
     with staged_dir(out, "predictions") as d:
@@ -630,7 +630,7 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
             placed = [read_image_placed(p, size, resize) for p in chunk]
             maps, scores = score_batches(scorer, torch.from_numpy(np.stack([a for a, _ in placed])), batch_size)
             places = [pl for _, pl in placed if pl is not None]
-            sc = valid_scores(maps, places, scorer.cfg.scoring) if resize != "squash" else \
+            sc = valid_scores(maps, places, scorer.scoring) if resize != "squash" else \
                 scores.double().cpu().numpy()
             # the map of the image itself: its valid region (letterbox), at model resolution
             valid = [np.ascontiguousarray(crop_valid(m, pl)) for m, pl in zip(maps[:, 0].cpu().numpy(), places,

@@ -175,7 +175,7 @@ def prepare_precision(scorer: Any, meta: BundleMeta | Mapping[str, Any], cal: di
         choice = PrecisionChoice("fp32", "bf16", reason="no threshold")
     else:
         paths = bundle_calibration_paths(meta, cal, data)
-        images = load_stack(paths, int(scorer.cfg.model.img_size))
+        images = load_stack(paths, int(scorer.img_size))
         choice = select_precision(scorer, images, float(cal["threshold"]), setting, min_agreement, flags)
     install_precision(scorer, choice.precision)
     return choice

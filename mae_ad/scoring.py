@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import Config, DataConfig, ScoringConfig
+from .gaussian import gaussian_kernel1d
 from .masking import inference_masks, masks_to_ids
 from .model import MaskedAutoencoderViT
-from .variants import blur_channels, gaussian_window, ssim_map
+from .variants import blur_channels, ssim_map
 
 
 def normalise_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, per_image: bool = False,
@@ -75,9 +76,6 @@ def valid_normal_statistics(samples: torch.Tensor, valid: torch.Tensor | None, f
     return torch.where(ok, mean, mean0), torch.where(ok, std, std0)
 
 
-gaussian_kernel1d = gaussian_window  # normalised 1-D Gaussian, radius ceil(3 sigma) capped at max_radius
-
-
 def gaussian_blur(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian smoothing of [B, 1, H, W] maps with reflect padding: output keeps the input size."""
     r = kernel.numel() // 2
@@ -93,22 +91,24 @@ class Scorer(nn.Module):
     forward(image [B, 3, H, W] float RGB in [0, 1]) -> (anomaly_map [B, 1, H, W], score [B]).
     """
 
-    def __init__(self, model: MaskedAutoencoderViT, cfg: Config):
+    def __init__(self, model: MaskedAutoencoderViT, scoring: ScoringConfig, data: DataConfig,
+                 img_size: int | None = None):
+        """`scoring` and `data`: the configuration sections the scorer reads; img_size: the model's by default."""
         super().__init__()
         self.model = model
-        self.cfg = cfg
-        sc = cfg.scoring
-        grid, size = model.grid, cfg.model.img_size
+        self.scoring, self.data = scoring, data
+        sc = scoring
+        grid, size = model.grid, img_size or model.cfg.img_size
         masks = inference_masks(grid, sc.num_masks, sc.pattern)  # [K, L] bool
         ids_keep, ids_restore = masks_to_ids(masks)
         self.num_masks = sc.num_masks
         self.register_buffer("ids_keep", ids_keep)  # [K, L_keep]
         self.register_buffer("ids_restore", ids_restore)  # [K, L]
         self.register_buffer("assign", masks.float().view(1, sc.num_masks, -1, 1))  # [1, K, L, 1]
-        self.register_buffer("pix_mean", torch.tensor(cfg.data.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("pix_std", torch.tensor(cfg.data.std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.per_image = cfg.data.normalize == "per_image"
-        self.gray = cfg.model.in_chans == 1
+        self.register_buffer("pix_mean", torch.tensor(data.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pix_std", torch.tensor(data.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.per_image = data.normalize == "per_image"
+        self.gray = model.cfg.in_chans == 1
         self.features = model.backbone is not None  # feature space: the error map is upsampled to the image
         self.img_size = size
         self.smooth = sc.sigma > 0
@@ -121,10 +121,10 @@ class Scorer(nn.Module):
         # variants (docs/variants.md): structural (1 - SSIM) map and GMM-head likelihood map, both off by default
         self.ssim_weight = float(sc.ssim_weight)
         if self.ssim_weight > 0:
-            self.register_buffer("ssim_window", gaussian_window(sc.ssim_sigma, size - 1))
+            self.register_buffer("ssim_window", gaussian_kernel1d(sc.ssim_sigma, size - 1))
         self.lowpass = sc.lowpass_sigma > 0
         if self.lowpass:
-            self.register_buffer("lowpass_window", gaussian_window(sc.lowpass_sigma, size - 1))
+            self.register_buffer("lowpass_window", gaussian_kernel1d(sc.lowpass_sigma, size - 1))
         self.perceptual_weight = float(sc.perceptual_weight)
         if self.perceptual_weight > 0 and model.perceptual is None:
             raise ValueError("scoring.perceptual_weight > 0 needs model.perceptual")
@@ -136,7 +136,7 @@ class Scorer(nn.Module):
         if self.stats_weight > 0:
             if not self.normalize:
                 raise ValueError("scoring.stats_weight > 0 needs scoring.normalize=position")
-            c, g = cfg.model.in_chans, model.grid
+            c, g = model.cfg.in_chans, model.grid
             self.register_buffer("cell_mean", torch.zeros(1, 2 * c, g, g))
             self.register_buffer("cell_std", torch.ones(1, 2 * c, g, g))
         # nearest-normal-cell distance map (feature space): the memory is set by `set_knn_memory`
@@ -152,6 +152,11 @@ class Scorer(nn.Module):
             self.knn_owner: torch.Tensor | None = None  # [M] source image of each cell (calibration only)
 
     # --- pieces ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, model: MaskedAutoencoderViT, cfg: Config) -> Scorer:
+        """The scorer of a whole configuration: its scoring and data sections (the model knows its own size)."""
+        return cls(model, cfg.scoring, cfg.data)
+
     def normalise_input(self, image: torch.Tensor) -> torch.Tensor:
         """RGB [B, 3, H, W] in [0, 1] -> the token image the MAE patchifies: normalised pixels, or (feature space)
         the backbone's standardised feature cells [B, C_f, H/s, W/s]."""
@@ -264,7 +269,7 @@ class Scorer(nn.Module):
         scoring.knn_memory cells (`coreset.greedy_coreset`). `owner` [N]: source image id of each cell."""
         from .coreset import greedy_coreset
 
-        keep = greedy_coreset(cells, self.cfg.scoring.knn_memory) if cells.shape[0] > self.cfg.scoring.knn_memory \
+        keep = greedy_coreset(cells, self.scoring.knn_memory) if cells.shape[0] > self.scoring.knn_memory \
             else torch.arange(cells.shape[0])
         bank = cells[keep].float().contiguous().to(self.knn_mean.device)
         self.knn_bank = bank
@@ -425,7 +430,7 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     thr_maps, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()
     if placements is not None and not all(p.full for p in placements):
-        s = valid_scores(thr_maps, placements[stats_n:], scorer.cfg.scoring)
+        s = valid_scores(thr_maps, placements[stats_n:], scorer.scoring)
     threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
     return {
         "threshold": threshold,

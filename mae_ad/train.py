@@ -445,7 +445,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     # 8. Calibrate on the held-back normal images, then write the bundle atomically.
     try:
         model.eval()
-        scorer = Scorer(model, cfg).to(device).eval()
+        scorer = Scorer(model, cfg.scoring, cfg.data).to(device).eval()
         hold_arr, hold_places = data_mod.load_stack_placed(holdout, cfg.model.img_size, cfg.data.resize)
         hold_imgs = torch.from_numpy(hold_arr).to(device)
         stats_imgs, stats_places = training_stats_placed(cfg, lambda: train_paths)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gaussian import gaussian_kernel1d as gaussian_window  # the SSIM window (defined with the scorer's)
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -79,14 +81,6 @@ class GMMHead(nn.Module):
         peak = a.amax(dim=-1, keepdim=True).detach()
         log_p = peak.squeeze(-1) + torch.log(torch.exp(a - peak).sum(dim=-1))  # log-sum-exp in plain ops
         return -log_p / self.dim
-
-
-def gaussian_window(sigma: float, max_radius: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian with radius ceil(3 sigma), capped at `max_radius`."""
-    radius = max(1, min(int(math.ceil(3 * sigma)), max_radius))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).float()
 
 
 def blur_channels(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:

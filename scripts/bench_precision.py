@@ -53,7 +53,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from mae_ad.bench import estimated_scoring_flops, format_ceiling, gemm_ceiling
-    from mae_ad.bundle import load_scorer
+    from mae_ad.bundle import load_bundle_config, load_scorer
     from mae_ad.data import index_dataset, load_stack
     from mae_ad.precision import score_batches
     from trt.backends import ort_session_options
@@ -74,9 +74,9 @@ def main() -> None:
 
     scorer, cal, _meta = load_scorer(args.bundle, require_calibration=True)
     assert cal is not None
-    thr, size = float(cal["threshold"]), int(scorer.cfg.model.img_size)
+    thr, size = float(cal["threshold"]), int(scorer.img_size)
     res["bundle"] = {"path": str(args.bundle), "threshold": thr, "img_size": size,
-                     "flop_per_image": estimated_scoring_flops(scorer.cfg, scorer)}
+                     "flop_per_image": estimated_scoring_flops(load_bundle_config(args.bundle), scorer)}
     args.work.mkdir(parents=True, exist_ok=True)
     f32 = args.work / "model.onnx"
     if not f32.exists():

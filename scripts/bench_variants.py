@@ -45,7 +45,7 @@ def main() -> None:
         cfg = load_config(None, BASE + sets)
         torch.manual_seed(0)
         model = build_model(cfg.model)
-        scorer = Scorer(model, cfg).eval()
+        scorer = Scorer(model, cfg.scoring, cfg.data).eval()
         with torch.no_grad():
             score_ms = mean_ms(lambda: scorer(x1), 3)  # noqa: B023
         model.train()

@@ -111,7 +111,7 @@ elif CMD == 'train':
             opt.zero_grad(); loss.backward(); opt.step(); step+=1; losses.append(loss.item())
             if time.time()-t0>budget: break
     model.eval()
-    sc=Scorer(model,cfg).eval()
+    sc=Scorer(model, cfg.scoring, cfg.data).eval()
     with torch.no_grad():
         def raw(Tk): return torch.cat([sc._raw_map(Tk[i:i+16]) for i in range(0,len(Tk),16)])
         mte=raw(Tte)
@@ -129,7 +129,7 @@ elif CMD == 'fuse':
     bb=cfg.model.backbone; f=feats(tuple(bb.layers),bb.stride,bb.local,bb.name)
     mu=model.backbone.feat_mean; sd=model.backbone.feat_std
     T=(f['Xtr']-mu)/sd; Tte=(f['Xte']-mu)/sd
-    sc=Scorer(model,cfg).eval()
+    sc=Scorer(model, cfg.scoring, cfg.data).eval()
     def raw(Tk): return torch.cat([sc._raw_map(Tk[i:i+16]) for i in range(0,len(Tk),16)])
     with torch.no_grad():
         Rtr=raw(T); Rte=raw(Tte)

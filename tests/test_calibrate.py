@@ -24,12 +24,12 @@ POSITION = ["scoring.normalize=position", "scoring.sigma=1"]
 def test_train_statistics_use_every_held_back_image_for_the_threshold():
     cfg = load_config(None, tiny_overrides() + POSITION)
     torch.manual_seed(0)
-    scorer = Scorer(build_model(cfg.model).eval(), cfg).eval()
+    scorer = Scorer(build_model(cfg.model).eval(), cfg.scoring, cfg.data).eval()
     held = torch.rand(6, 3, 32, 32)
     train = torch.rand(10, 3, 32, 32) * 0.5 + 0.25
     cal = calibrate(scorer, held, target_fpr=0.2, stats_images=train)
     assert (cal["n_stats_images"], cal["n_threshold_images"], cal["stats_source"]) == (10, 6, "train")
-    raw, _ = score_batches(Scorer(scorer.model, load_config(None, tiny_overrides() + ["scoring.sigma=1"])), train,
+    raw, _ = score_batches(Scorer.from_config(scorer.model, load_config(None, tiny_overrides() + ["scoring.sigma=1"])), train,
                            raw=True)
     mean, std = normal_statistics(raw, floor_share=0.25, eps=1e-8)
     assert torch.allclose(scorer.map_mean, mean.view_as(scorer.map_mean), atol=1e-6)
@@ -53,7 +53,7 @@ def test_recalibrate_with_training_statistics(synthetic_data, tmp_path):
     cfg = load_config(None, tiny_overrides(img=64, patch=8) + POSITION)
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     index = index_dataset(synthetic_data)
     holdout, train = index.train[:4], index.train[4:]
     cal = calibrate(scorer, torch.from_numpy(load_stack(holdout, 64)), target_fpr=0.25)
@@ -63,7 +63,7 @@ def test_recalibrate_with_training_statistics(synthetic_data, tmp_path):
     out = recalibrate(tmp_path / "b", synthetic_data, tmp_path / "b2", ["calibration.stats_source=train"])
     new = json.loads((out / "calibration.json").read_text())
     assert (new["n_stats_images"], new["n_threshold_images"], new["stats_source"]) == (len(train), 4, "train")
-    raw, _ = score_batches(Scorer(model, load_config(None, tiny_overrides(img=64, patch=8) + ["scoring.sigma=1"])),
+    raw, _ = score_batches(Scorer.from_config(model, load_config(None, tiny_overrides(img=64, patch=8) + ["scoring.sigma=1"])),
                            torch.from_numpy(load_stack(sorted(train), 64)), raw=True)
     mean, _ = normal_statistics(raw, floor_share=0.25, eps=1e-8)
     saved = load_file(str(out / BUNDLE_CALIB_TENSORS))

@@ -122,7 +122,7 @@ def test_gaussian_keeps_size_and_is_batched():
 def test_scorer_batch_equals_single_and_only_masked_pixels_count(pattern):
     cfg = load_config(None, tiny_overrides() + [f"scoring.pattern={pattern}", "scoring.sigma=0"])
     torch.manual_seed(0)
-    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    scorer = Scorer(build_model(cfg.model), cfg.scoring, cfg.data).eval()
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         maps, scores = scorer(x)
@@ -143,7 +143,7 @@ def test_scorer_reconstruction_uses_the_mask_that_hid_each_patch():
     identity-like leak check by making the visible input irrelevant to the prediction of a hidden patch."""
     cfg = load_config(None, tiny_overrides() + ["scoring.sigma=0"])
     torch.manual_seed(0)
-    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    scorer = Scorer(build_model(cfg.model), cfg.scoring, cfg.data).eval()
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         base = scorer.reconstruct_patches(scorer.normalise_input(x))
@@ -157,7 +157,7 @@ def test_scorer_reconstruction_uses_the_mask_that_hid_each_patch():
 
 def test_topk_mean_reduce():
     cfg = load_config(None, tiny_overrides() + ["scoring.reduce=topk_mean", "scoring.topk_fraction=0.25"])
-    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    scorer = Scorer(build_model(cfg.model), cfg.scoring, cfg.data).eval()
     m = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32)
     expected = torch.arange(32 * 32 - 256, 32 * 32, dtype=torch.float32).mean()
     assert torch.allclose(scorer.reduce_map(m), expected.view(1))
@@ -173,13 +173,13 @@ def test_per_image_normalisation_ignores_exposure():
     """With data.normalize=per_image, a gain/offset change of the whole image leaves the map unchanged."""
     cfg = load_config(None, tiny_overrides() + ["data.normalize=per_image", "scoring.sigma=1"])
     torch.manual_seed(0)
-    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    scorer = Scorer(build_model(cfg.model), cfg.scoring, cfg.data).eval()
     gray = torch.rand(2, 1, 32, 32).expand(2, 3, 32, 32) * 0.5 + 0.2  # a grey part: affine changes commute
     brighter = gray * 1.3 + 0.05
     with torch.no_grad():
         m1, s1 = scorer(gray)
         m2, s2 = scorer(brighter)
-        plain = Scorer(scorer.model, load_config(None, tiny_overrides() + ["scoring.sigma=1"])).eval()
+        plain = Scorer.from_config(scorer.model, load_config(None, tiny_overrides() + ["scoring.sigma=1"])).eval()
         p1, _ = plain(gray)
         p2, _ = plain(brighter)
     assert torch.allclose(m1, m2, atol=1e-4) and torch.allclose(s1, s2, atol=1e-4)

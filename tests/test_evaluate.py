@@ -32,7 +32,7 @@ def _make_bundle(out: Path, train_images: list[Path], calibrated: bool = True, t
     cfg = load_config(None, tiny_overrides() + ["scoring.sigma=1.0"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     cal = None
     if calibrated:
         cal = calibrate(scorer, torch.from_numpy(load_stack(train_images, cfg.model.img_size)), target_fpr=0.1)

@@ -84,7 +84,7 @@ def test_knn_map_is_the_nearest_memory_distance(feature_bundle) -> None:
     assert torch.allclose(got, want, atol=1e-3)
     # memory made of the cells of image 0 and 1: image 0 matches itself, unless excluded
     scorer.set_knn_memory(cells, torch.arange(2).repeat_interleave(64))
-    scorer.cfg.scoring.knn_memory  # noqa: B018 - memory above holds 128 <= 200 cells: no coreset
+    scorer.scoring.knn_memory  # noqa: B018 - memory above holds 128 <= 200 cells: no coreset
     assert float(scorer.knn_raw_map(x[:1]).abs().max()) < 1e-2
     assert float(scorer.knn_raw_map(x[:1], exclude=torch.tensor([0])).min()) > 0.5
 
@@ -210,9 +210,9 @@ def test_perceptual_error_for_pixel_space(tmp_path) -> None:
     torch.manual_seed(0)
     cfg = load_config(None, [*over, "scoring.perceptual_weight=1.0"])
     model = build_model(cfg.model).eval()
-    pure = Scorer(model, cfg).eval()
-    plain = Scorer(model, load_config(None, over)).eval()
-    half = Scorer(model, load_config(None, [*over, "scoring.perceptual_weight=0.5"])).eval()
+    pure = Scorer(model, cfg.scoring, cfg.data).eval()
+    plain = Scorer.from_config(model, load_config(None, over)).eval()
+    half = Scorer.from_config(model, load_config(None, [*over, "scoring.perceptual_weight=0.5"])).eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         rec = pure.reconstruction(x)

@@ -44,7 +44,7 @@ def scorer_and_images():
 
     cfg = load_config(None, tiny_overrides())
     torch.manual_seed(0)
-    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    scorer = Scorer(build_model(cfg.model), cfg.scoring, cfg.data).eval()
     return scorer, synthetic_images(12, cfg.model.img_size, seed=5)
 
 

@@ -151,7 +151,7 @@ def letterbox_bundle(tmp_path_factory):
     cfg = load_config(None, tiny_overrides() + ["scoring.sigma=1.0", "data.resize=letterbox"])
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     arr, places = load_stack_placed(index_dataset(data).train[-6:], 32, "letterbox")
     assert not all(p.full for p in places)
     cal = calibrate(scorer, torch.from_numpy(arr), target_fpr=0.1, placements=places)

@@ -211,11 +211,11 @@ def test_scorer_ssim_map_combination():
     model = build_model(cfg0.model).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        mse = Scorer(model, cfg0)(x)[0]
-        ds = Scorer(model, cfg1)(x)[0]
-        half = Scorer(model, cfgh)(x)[0]
-        xn = (x - Scorer(model, cfg0).pix_mean) / Scorer(model, cfg0).pix_std
-        rec = model.unpatchify(Scorer(model, cfg0).reconstruct_patches(xn), channels=3)
+        mse = Scorer(model, cfg0.scoring, cfg0.data)(x)[0]
+        ds = Scorer(model, cfg1.scoring, cfg1.data)(x)[0]
+        half = Scorer(model, cfgh.scoring, cfgh.data)(x)[0]
+        xn = (x - Scorer(model, cfg0.scoring, cfg0.data).pix_mean) / Scorer(model, cfg0.scoring, cfg0.data).pix_std
+        rec = model.unpatchify(Scorer(model, cfg0.scoring, cfg0.data).reconstruct_patches(xn), channels=3)
         expected = (1 - ssim_map(rec, xn, gaussian_window(1.5, 31)).mean(1, keepdim=True)) / 2
     assert torch.allclose(ds, expected, atol=1e-5) and float(ds.min()) >= 0 and float(ds.max()) <= 1
     assert torch.allclose(half, 0.5 * mse + 0.5 * ds, atol=1e-5)
@@ -227,7 +227,7 @@ def test_lowpass_residual_cancels_texture_and_keeps_a_coherent_blob():
     torch.manual_seed(0)
     cfg0, cfg_lp = _cfg("scoring.sigma=0"), _cfg("scoring.sigma=0", "scoring.lowpass_sigma=2")
     model = build_model(cfg0.model).eval()
-    plain, lp = Scorer(model, cfg0).eval(), Scorer(model, cfg_lp).eval()
+    plain, lp = Scorer(model, cfg0.scoring, cfg0.data).eval(), Scorer(model, cfg_lp.scoring, cfg_lp.data).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         xn = plain.normalise_input(x)
@@ -296,7 +296,7 @@ def test_scorer_gmm_nll_is_mean_over_visible_passes():
     torch.manual_seed(0)
     cfg = _cfg("model.gmm_components=3", "scoring.gmm_weight=0.5", "scoring.sigma=0")
     model = build_model(cfg.model).eval()
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         xn = scorer.normalise_input(x)
@@ -308,7 +308,7 @@ def test_scorer_gmm_nll_is_mean_over_visible_passes():
             manual[:, keep] += model.patch_nll(model.encode(tokens[:, keep]))
         manual /= scorer.num_masks - 1
         assert torch.allclose(nll, manual, atol=1e-5)
-        plain = Scorer(model, _cfg("model.gmm_components=3", "scoring.sigma=0")).eval()
+        plain = Scorer.from_config(model, _cfg("model.gmm_components=3", "scoring.sigma=0")).eval()
         nll_map = model.unpatchify(nll.unsqueeze(-1).expand(-1, -1, 16), channels=1)
         assert torch.allclose(scorer(x)[0], plain(x)[0] + 0.5 * nll_map, atol=1e-5)
 
@@ -330,7 +330,7 @@ def test_grayscale_scorer_sees_channel_mean_and_report_inverts_it(per_image):
     extra = ["data.normalize=per_image"] if per_image else []
     cfg = _cfg("model.in_chans=1", *extra)
     torch.manual_seed(0)
-    scorer = Scorer(build_model(cfg.model), cfg).eval()
+    scorer = Scorer(build_model(cfg.model), cfg.scoring, cfg.data).eval()
     g = torch.rand(2, 1, 32, 32)
     img = g.expand(-1, 3, -1, -1).contiguous()
     x = scorer.normalise_input(img)
@@ -358,7 +358,7 @@ def test_grayscale_model_ignores_colour_of_equal_luminance_inputs():
     cfg = _cfg("model.in_chans=1", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]")
     rgb_cfg = _cfg("data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]")
     torch.manual_seed(0)
-    gray, rgb = Scorer(build_model(cfg.model), cfg).eval(), Scorer(build_model(rgb_cfg.model), rgb_cfg).eval()
+    gray, rgb = Scorer(build_model(cfg.model), cfg.scoring, cfg.data).eval(), Scorer(build_model(rgb_cfg.model), rgb_cfg.scoring, rgb_cfg.data).eval()
     a = torch.rand(1, 3, 32, 32) * 0.5 + 0.25
     shift = torch.tensor([0.1, -0.05, -0.05]).view(1, 3, 1, 1)  # sums to zero: same channel mean
     with torch.no_grad():
@@ -385,7 +385,7 @@ def test_stats_map_is_the_patch_statistics_baseline_and_is_added_to_the_map():
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     normals = torch.rand(8, 3, 32, 32) * 0.2 + 0.4
-    scorer, plain = Scorer(model, cfg).eval(), Scorer(model, plain_cfg).eval()
+    scorer, plain = Scorer(model, cfg.scoring, cfg.data).eval(), Scorer(model, plain_cfg.scoring, plain_cfg.data).eval()
     cal = calibrate(scorer, normals, target_fpr=0.1)
     calibrate(plain, normals, target_fpr=0.1)
     assert cal["n_stats_images"] == 4
@@ -413,7 +413,7 @@ def test_stats_fusion_bundle_roundtrip_and_missing_tensors(tmp_path):
     cfg = _cfg("scoring.normalize=position", "scoring.stats_weight=1.0")
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     cal = calibrate(scorer, torch.rand(6, 3, 32, 32), target_fpr=0.2)
     save_bundle(tmp_path / "b", model, cfg, cal, scorer=scorer)
     loaded, _, _ = load_scorer(tmp_path / "b")
@@ -467,7 +467,7 @@ def test_variant_exports_to_onnx_with_parity(name, tmp_path):
         if prm.dim() <= 2 and prm.numel() < 5000:
             with torch.no_grad():
                 prm.add_(0.05 * torch.randn_like(prm))
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     if scorer.normalize:
         scorer.set_normal_stats(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32) + 0.5)
     x = torch.rand(2, 3, 32, 32)
@@ -508,5 +508,5 @@ def test_variant_bundle_roundtrip(tmp_path):
     cfg2, model2, _ = load_bundle(tmp_path / "b")
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(Scorer(model, cfg)(x)[0], Scorer(model2, cfg2)(x)[0])
+        assert torch.equal(Scorer(model, cfg.scoring, cfg.data)(x)[0], Scorer(model2, cfg2.scoring, cfg2.data)(x)[0])
     assert math.isclose(cfg2.scoring.gmm_weight, cfg.scoring.gmm_weight)

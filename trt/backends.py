@@ -82,7 +82,7 @@ class TorchBackend(BaseBackend):
         self._device = device or "cpu"
         self.path = bundle
         self.scorer, cal, bmeta = load_scorer(bundle, self._device)
-        self.input_size = int(self.scorer.cfg.model.img_size)
+        self.input_size = int(self.scorer.img_size)
         self.max_batch = max_batch
         self.meta = bmeta.model_copy(update={"threshold": None if cal is None else float(cal["threshold"]),
                                              "precision": "fp32"})

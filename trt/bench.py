@@ -59,7 +59,7 @@ def counted_flops(cfg: Any) -> float:
 
     model = build_model(cfg.model)
     merge_lora(model)
-    scorer = Scorer(model, cfg).to("meta").eval()  # shapes only: nothing is computed
+    scorer = Scorer(model, cfg.scoring, cfg.data).to("meta").eval()  # shapes only: nothing is computed
     x = torch.empty(1, 3, cfg.model.img_size, cfg.model.img_size, device="meta")
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         scorer(x)
@@ -86,7 +86,7 @@ def bench_preset(preset: str, work: Path, repeat: int) -> dict[str, Any]:
                 p.normal_(0, 0.02)
     model.eval()
     size = cfg.model.img_size
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     normals = torch.from_numpy(_synthetic(8, size, 1, False))
     cal = calibrate(scorer, normals, target_fpr=0.2, batch_size=4)
     bundle = save_bundle(work / preset, model, cfg, cal, scorer=scorer)

@@ -76,7 +76,7 @@ class HalfPrecisionScorer(Scorer):
 
     @classmethod
     def from_scorer(cls, scorer: Scorer) -> HalfPrecisionScorer:
-        new = cls(copy.deepcopy(scorer.model), scorer.cfg)
+        new = cls(copy.deepcopy(scorer.model), scorer.scoring, scorer.data, scorer.img_size)
         if scorer.knn_weight > 0:  # the memory buffer is sized by the training set: size it before copying
             new.set_knn_memory(scorer.knn_bank)
         new.model.half()
@@ -111,7 +111,7 @@ def prepare_scorer(bundle: Path) -> tuple[Scorer, dict[str, Any], BundleMeta, bo
 def check_topk(scorer: Scorer) -> None:
     if scorer.reduce == "topk_mean" and scorer.topk > TRT_TOPK_MAX:
         raise UserError(
-            f"scoring.topk_fraction={scorer.cfg.scoring.topk_fraction} gives K={scorer.topk} pixels, but TensorRT's "
+            f"scoring.topk_fraction={scorer.scoring.topk_fraction} gives K={scorer.topk} pixels, but TensorRT's "
             f"TopK needs K < {TRT_TOPK_MAX + 1}; lower scoring.topk_fraction or use scoring.reduce=max"
         )
 
@@ -238,7 +238,7 @@ def export_onnx(
     check_topk(scorer)
     module: Scorer = HalfPrecisionScorer.from_scorer(scorer) if fp16 else scorer
     ext = external_data if external_data is not None else _param_bytes(scorer) > EXTERNAL_DATA_BYTES
-    size = scorer.cfg.model.img_size
+    size = scorer.img_size
     meta = OnnxMeta(
         format_version=SCHEMA_VERSION,
         kind=KIND_ONNX,
@@ -248,7 +248,7 @@ def export_onnx(
         threshold=float(cal["threshold"]),
         calibration={k: cal[k] for k in ("target_fpr", "n_images", "method") if k in cal},
         input=bmeta.input.model_copy(update={"size": size}),
-        scoring=bmeta.scoring or ScoringSpec.model_validate(scorer.cfg.scoring.model_dump(mode="json")),
+        scoring=bmeta.scoring or ScoringSpec.model_validate(scorer.scoring.model_dump(mode="json")),
         precision="fp16" if fp16 else "fp32",
         io_dtype="float32",
         opset=opset,

@@ -264,11 +264,16 @@ def test_http_stream_stops_and_returns_reconnects_quickly(tmp_path, broker, reco
 
 def test_spool_left_at_exit_is_replayed_on_restart(tmp_path, broker, recorder):
     """Alerts spooled by a run that could not reach the broker are delivered, in order, by the next run."""
+    from agent.decide import AlertTracker
     from agent.spool import Spool
 
     sp = Spool(tmp_path / "spool")
+    ids = iter(["old0", "old1", "old2"])  # start events as a previous run made them (the recorder checks schemas)
+    tracker = AlertTracker("cam", open_after=1, close_after=1, update_interval_s=0.0, id_factory=lambda: next(ids))
     for i in range(3):
-        sp.put("mae-ad/t/cam/alert", json.dumps({"event": "start", "id": f"old{i}"}).encode())
+        (start,) = tracker.update(0.9, 0.5, 2 * i, 1000.0 + 2 * i, [1, 2, 3, 4]).events
+        sp.put("mae-ad/t/cam/alert", json.dumps({**start, "model_id": "previous-run"}).encode())
+        tracker.update(0.1, 0.5, 2 * i + 1, 1001.0 + 2 * i, None)  # closes it (that end event is not spooled)
     cfg = agent_cfg(tmp_path, broker.port, [{"name": "cam", "source": str(tmp_path / "none.avi")}])
     at = AgentThread(cfg).start()
     try:

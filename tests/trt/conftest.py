@@ -44,7 +44,7 @@ def make_bundle(out: Path, overrides: list[str], *, calibrated: bool = True, see
                 p.normal_(0, lora_scale)
     model.eval()
     cal = None
-    scorer = Scorer(model, cfg).eval()
+    scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     if calibrated:
         imgs = torch.from_numpy(synthetic_images(6, cfg.model.img_size, seed=100 + seed))
         cal = calibrate(scorer, imgs, target_fpr=0.2)
