@@ -212,7 +212,8 @@ def test_perceptual_error_for_pixel_space(tmp_path) -> None:
     model = build_model(cfg.model).eval()
     pure = Scorer(model, cfg.scoring, cfg.data).eval()
     plain = Scorer.from_config(model, load_config(None, over)).eval()
-    half = Scorer.from_config(model, load_config(None, [*over, "scoring.perceptual_weight=0.5"])).eval()
+    half_cfg = load_config(None, [*over, "scoring.perceptual_weight=0.5"])
+    half = Scorer.from_config(model, half_cfg).eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         rec = pure.reconstruction(x)
@@ -223,7 +224,7 @@ def test_perceptual_error_for_pixel_space(tmp_path) -> None:
         assert torch.allclose(got, want, atol=1e-5)
         assert torch.allclose(half.raw_map(x), 0.5 * plain.raw_map(x) + 0.5 * want, atol=1e-5)
     cal = calibrate(half, torch.rand(4, 3, 64, 64), target_fpr=0.2)
-    b = save_bundle(tmp_path / "perc", model, half.cfg, cal, scorer=half)
+    b = save_bundle(tmp_path / "perc", model, half_cfg, cal, scorer=half)
     out = export_onnx(b, tmp_path / "perc.onnx")  # fails unless ONNX Runtime matches torch to 1e-4
     assert not [r.op for r in check_graph(onnx.load(str(out))) if r.status == "unsupported"]
 

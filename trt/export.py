@@ -248,6 +248,7 @@ def export_onnx(
         threshold=float(cal["threshold"]),
         calibration={k: cal[k] for k in ("target_fpr", "n_images", "method") if k in cal},
         input=bmeta.input.model_copy(update={"size": size}),
+        outputs={"map": MAP_NAME, "score": SCORE_NAME, "input": INPUT_NAME},
         scoring=bmeta.scoring or ScoringSpec.model_validate(scorer.scoring.model_dump(mode="json")),
         precision="fp16" if fp16 else "fp32",
         io_dtype="float32",
