@@ -145,6 +145,14 @@ def test_onnx_graph_is_clean_and_carries_metadata(tiny_bundle, exported):
     assert meta["parent"]["bundle_sha256"] == props["parent_bundle_sha256"] and len(meta["parent"]["bundle_sha256"]) == 64
     assert meta["max_batch_hint"] == 4 and meta["merged_at_export"] is True
     assert meta["verify"]["map_max_abs"] <= 1e-4 and meta["tensorrt_check"]["unsupported"] == []
+    # every key the version-1 sidecar had before the typed contract is still written
+    assert set(meta) == {
+        "format_version", "kind", "created", "model_id", "name", "threshold", "calibration", "input", "outputs",
+        "scoring", "precision", "io_dtype", "opset", "exporter", "dynamic_batch", "max_batch_hint", "external_data",
+        "merged", "merged_at_export", "parent", "versions", "tensorrt_check", "verify", "export_seconds",
+        "onnx_sha256", "onnx_bytes"}
+    assert meta["format_version"] == 1 and meta["outputs"] == {"map": "anomaly_map", "score": "score", "input": "image"}
+    assert json.loads(props["mae_ad.meta"])["outputs"] == meta["outputs"]
 
 
 def test_fp16_variant_same_decisions(tiny_bundle, exported):

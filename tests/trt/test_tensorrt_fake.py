@@ -63,6 +63,11 @@ def test_build_and_run_sequence(version, onnx_pair, tmp_path, monkeypatch):
     from mae_ad.contract import sha256_file
 
     assert meta["onnx_sha256"] == sha256_file(fp32)
+    assert set(meta) == {  # every key of the version-1 sidecar, written through mae_ad.contract.EngineMeta
+        "format_version", "kind", "created", "tensorrt_version", "gpu", "onnx", "onnx_sha256", "precision",
+        "strongly_typed", "profile", "max_batch", "workspace_mb", "build_seconds", "plan_sha256", "model_id",
+        "threshold", "input", "scoring", "parent"}
+    assert meta["format_version"] == 1 and meta["kind"] == "mae_ad.plan" and meta["parent"]["onnx_sha256"]
 
     # a second build reuses the cache file's bytes
     rec.calls.clear()
