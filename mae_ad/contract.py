@@ -180,13 +180,14 @@ class ArtefactMeta(Record):
 
 
 class BundleMeta(ArtefactMeta):
-    """`meta.json` of a model bundle (mae_ad.bundle, trt.merge)."""
+    """`meta.json` of a model bundle (mae_ad.bundle, trt.merge). Required: what a reader cannot do without
+    (version, kind, model_id, input.size); the rest is typed where present and defaults where absent."""
 
     kind: Literal["mae_ad.bundle"]
-    weights_sha256: str
-    lora: bool
-    merged: bool
-    calibrated: bool
+    weights_sha256: str | None = None
+    lora: bool | None = None
+    merged: bool = False
+    calibrated: bool | None = None
     merged_layers: int | None = None
     training: dict[str, Any] | None = None
 
@@ -218,13 +219,13 @@ class EngineMeta(ArtefactMeta):
     """`model.plan.meta.json` of a TensorRT engine (trt.build); the runtime needs nothing but this and the plan."""
 
     kind: Literal["mae_ad.plan"]
-    tensorrt_version: str
+    tensorrt_version: str  # with gpu: what the runtime checks before it deserialises the plan
     gpu: GpuInfo
-    onnx: str
-    onnx_sha256: str
+    onnx: str = "model.onnx"
+    onnx_sha256: str | None = None
     strongly_typed: bool | None = None
     profile: dict[str, Any] | None = None
-    max_batch: int = Field(ge=1)
+    max_batch: int | None = Field(None, ge=1)
     workspace_mb: int | None = None
     build_seconds: float | None = None
     plan_sha256: str | None = None

@@ -89,6 +89,14 @@ def test_typed_fields_read_from_a_version_1_record():
     assert e.gpu.compute_capability == "8.7" and e.max_batch == 4 and e.input.resize == "squash"
 
 
+def test_a_sparse_version_1_record_loads_with_defaults(tmp_path):
+    """Informational fields may be absent (what a reader needs may not): version, kind, model_id, input.size."""
+    d = _bundle(tmp_path, {"format_version": 1, "kind": "mae_ad.bundle", "model_id": "m", "input": {"size": 64}})
+    meta = read_bundle_meta(d)
+    assert meta.merged is False and meta.input.resize == "squash" and meta.scoring is None and meta.threshold is None
+    assert dump_meta(meta) == {"format_version": 1, "kind": "mae_ad.bundle", "model_id": "m", "input": {"size": 64}}
+
+
 def _bundle(tmp_path: Path, meta: dict) -> Path:
     d = tmp_path / "bundle"
     d.mkdir()
@@ -116,7 +124,7 @@ def test_a_bad_bundle_record_fails_at_load_naming_file_and_field(tmp_path, chang
     assert msg.startswith(f"{d / 'meta.json'}: ") and f"{field}: " in msg and why in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("missing", ["format_version", "model_id", "input", "weights_sha256"])
+@pytest.mark.parametrize("missing", ["format_version", "kind", "model_id", "input"])
 def test_a_missing_field_is_named(tmp_path, missing):
     d = _bundle(tmp_path, {k: v for k, v in BUNDLE_V1.items() if k != missing})
     with pytest.raises(UserError, match=rf"meta\.json: .*{missing}: (missing|Field required)"):
