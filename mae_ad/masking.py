@@ -24,7 +24,9 @@ def random_masking_ids(
     sample's own shuffle (the reference implementation reused sample 0's permutation for the whole batch).
     """
     len_keep = max(1, int(round(num_patches * (1 - mask_ratio))))
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    # drawn where the generator lives (train.mask_mode=mixed hands a CPU generator on a CUDA run), then moved
+    noise = torch.rand(batch, num_patches, device=generator.device if generator is not None else device,
+                       generator=generator).to(device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]

@@ -196,3 +196,12 @@ def test_torchrun_two_processes_on_cpu(synthetic_data, tmp_path):
     # 12 images over 2 ranks of batch 4: 2 steps per epoch (each rank sees 6 images), logged once by rank 0
     steps = [int(r["step"]) for r in read_log(run_dir_for(out) / "train_log.csv")]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda: no CUDA device in this torch (training on a GPU)")
+def test_training_on_cuda_with_mixed_masks(synthetic_data, tmp_path):
+    """A run on the GPU with every mask mode the recipes use (mixed: random, block and lattice masks)."""
+    cfg = load_config(None, tiny_overrides() + FAST + ["train.epochs=4", "train.mask_mode=mixed"])
+    out = run_training(cfg, synthetic_data, tmp_path / "b")
+    t = json.loads((out / "meta.json").read_text())["training"]
+    assert t["epochs_done"] == 4 and math.isfinite(t["last_epoch_loss"])

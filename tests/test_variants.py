@@ -510,3 +510,26 @@ def test_variant_bundle_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(Scorer(model, cfg.scoring, cfg.data)(x)[0], Scorer(model2, cfg2.scoring, cfg2.data)(x)[0])
     assert math.isclose(cfg2.scoring.gmm_weight, cfg.scoring.gmm_weight)
+
+
+def test_every_mask_mode_draws_on_the_generator_device(monkeypatch):
+    """CUDA refuses a CPU generator for a draw on the GPU (and vice versa). train.mask_mode=mixed hands its block and
+    lattice draws a CPU generator, also on a CUDA run; its random branch then drew on the GPU with that generator
+    and the first CUDA training step failed. The rule is enforced here with a strict torch.rand, the target device
+    played by 'meta' (this machine has no GPU; tests/test_train.py::test_training_on_cuda runs the real thing)."""
+    import mae_ad.masking as masking
+
+    real_rand = torch.rand
+
+    def strict_rand(*size, generator=None, device=None, **kw):
+        if generator is not None and device is not None and torch.device(device) != generator.device:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator but found "
+                               f"'{generator.device.type}'")
+        return real_rand(*size, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(masking.torch, "rand", strict_rand)
+    for mode in ("random", "block", "mixed"):
+        for seed in range(6):  # mixed: each of random / block / lattice is drawn within a few seeds
+            g = torch.Generator().manual_seed(seed)
+            ids_keep, ids_restore, mask = training_masking_ids(4, 8, 0.75, mode, device="meta", generator=g)
+            assert ids_keep.device.type == ids_restore.device.type == mask.device.type == "meta"
