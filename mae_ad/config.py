@@ -205,6 +205,12 @@ class ScoringConfig(Section):
                               "needs model.backbone)")
     knn_memory: int = Field(8192, ge=1, description="memory cells kept (greedy k-center coreset of the training "
                             "cells when there are more)")
+    # How the reconstruction z-map and knn_weight x the kNN z-map are added. sum: as they are. balanced: each term
+    # is first divided by the standard deviation of its image score (map maximum) over the held-back normal images,
+    # fitted at calibration. The per-pixel statistics of the reconstruction map come from images the MAE was trained
+    # on (calibration.stats_source=train), so on unseen normal images its z-scores run larger than the kNN map's
+    # (leave-one-image-out statistics, unbiased) and the sum follows the reconstruction's normal variation.
+    fusion: Literal["sum", "balanced"] = "sum"
     # Pixel space: map = (1 - w) * squared pixel error + w * squared error of the standardised features of
     # model.perceptual between the input and its K-mask reconstruction (1 = perceptual error instead of pixels).
     perceptual_weight: float = Field(0.0, ge=0, le=1, description="share of the perceptual (backbone feature) "
@@ -294,6 +300,10 @@ class Config(Section):
                              "model.perceptual.name=efficientnet_lite0)")
         if self.scoring.knn_weight > 0 and self.model.backbone is None:
             raise ValueError("scoring.knn_weight > 0 needs feature tokens: set model.backbone")
+        if self.scoring.fusion == "balanced" and not (self.scoring.knn_weight > 0
+                                                      and self.scoring.normalize == "position"):
+            raise ValueError("scoring.fusion=balanced needs two maps in z-score units: scoring.knn_weight > 0 and "
+                             "scoring.normalize=position")
         if self.scoring.gmm_weight > 0 and self.model.gmm_components == 0:
             raise ValueError("scoring.gmm_weight > 0 needs a GMM head: set model.gmm_components (e.g. 4)")
         return self

@@ -150,6 +150,10 @@ class Scorer(nn.Module):
             self.register_buffer("knn_mean", torch.zeros(1, 1, size, size))
             self.register_buffer("knn_std", torch.ones(1, 1, size, size))
             self.knn_owner: torch.Tensor | None = None  # [M] source image of each cell (calibration only)
+        # scoring.fusion=balanced: [2] = divisors of the reconstruction and kNN z-maps (held-back normal image-score
+        # std of each; set by `calibrate`); 1, 1 = a plain sum
+        self.balanced = sc.fusion == "balanced"
+        self.register_buffer("fuse_scale", torch.ones(2))
 
     # --- pieces ---------------------------------------------------------------------------------------------
     @classmethod
@@ -294,8 +298,18 @@ class Scorer(nn.Module):
             knn = self.knn_raw_map(x)
             if self.normalize:
                 knn = (knn - self.knn_mean) / self.knn_std
-            amap = amap + self.knn_weight * knn
+            if self.balanced:
+                amap = amap / self.fuse_scale[0] + self.knn_weight * knn / self.fuse_scale[1]
+            else:
+                amap = amap + self.knn_weight * knn
         return amap, self.reduce_map(amap)
+
+    def fusion_terms(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two position-normalised maps the kNN fusion adds, before any fusion scale: (reconstruction z-map,
+        kNN z-map), each [B, 1, H, W]."""
+        x = self.normalise_input(image)
+        recon = (self._raw_map(x, image) - self.map_mean) / self.map_std
+        return recon, (self.knn_raw_map(x) - self.knn_mean) / self.knn_std
 
     @torch.no_grad()
     def reconstruction(self, image: torch.Tensor) -> torch.Tensor | None:
@@ -331,7 +345,7 @@ class Scorer(nn.Module):
         names = (["map_mean", "map_std"] if self.normalize else []) + \
             (["cell_mean", "cell_std"] if self.stats_weight > 0 else []) + \
             (["knn_bank", "knn_bank_sq"] + (["knn_mean", "knn_std"] if self.normalize else [])
-             if self.knn_weight > 0 else [])
+             if self.knn_weight > 0 else []) + (["fuse_scale"] if self.balanced else [])
         return {n: getattr(self, n).detach().cpu().contiguous() for n in names}
 
     def load_calibration_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -393,6 +407,8 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     With scoring.knn_weight the kNN memory must be set (`Scorer.set_knn_memory`); its map gets its own per-pixel
     statistics from the same images, and `stats_owner` [N] (the memory owner id of each training stats image)
     keeps each training image from matching its own cells.
+    With scoring.fusion=balanced each of the two z-maps is divided by the standard deviation of its image score over
+    the threshold images (`fuse_scale`) before they are added; the threshold is then taken on the fused scores.
     `placements` (data.resize=letterbox: each of `images`' `contract.Placement`): threshold scores are taken over
     each image's valid region only (`contract.score_valid`), as evaluation, predict and the agent take them, and
     the per-pixel statistics count each image only where it is valid (`stats_placements`: those of `stats_images`).
@@ -427,6 +443,25 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
             feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:i + batch_size]))
                                for i in range(0, n_stats, batch_size)])
             scorer.set_cell_stats(*normal_statistics(feats, floor_share=0.1, eps=1e-6))
+    fusion: dict[str, Any] = {}
+    if scorer.balanced:  # each term divided by the spread of its image score over the held-back normal images
+        held = images[stats_n:]
+        terms: list[list[torch.Tensor]] = [[], []]
+        for i in range(0, held.shape[0], batch_size):
+            for j, term in enumerate(scorer.fusion_terms(held[i:i + batch_size])):
+                terms[j].append(term)
+        spreads = []
+        for parts in terms:  # the image score of each term alone, by the rule the threshold uses
+            maps = torch.cat(parts)
+            if placements is not None and not all(p.full for p in placements):
+                sc = torch.from_numpy(valid_scores(maps, placements[stats_n:], scorer.scoring))
+            else:
+                sc = scorer.reduce_map(maps).double().cpu()
+            spreads.append(float(sc.std()) if sc.numel() > 1 else 1.0)
+        spread = torch.tensor(spreads).clamp_min(1e-6)
+        scorer.fuse_scale.copy_(spread.to(scorer.fuse_scale))
+        fusion = {"fusion": "balanced", "fusion_scale_reconstruction": float(spread[0]),
+                  "fusion_scale_knn": float(spread[1])}
     thr_maps, scores = score_batches(scorer, images[stats_n:], batch_size)
     s = scores.double().cpu().numpy()
     if placements is not None and not all(p.full for p in placements):
@@ -443,4 +478,5 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
         "normal_score_std": float(s.std()),
         "normal_score_max": float(s.max()),
         "method": "quantile(1 - target_fpr) of held-back normal scores",
+        **fusion,
     }

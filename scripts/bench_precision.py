@@ -56,6 +56,8 @@ def main() -> None:
     from mae_ad.bundle import load_bundle_config, load_scorer
     from mae_ad.data import index_dataset, load_stack
     from mae_ad.precision import score_batches
+    from mae_ad.contract import OnnxMeta
+    from trt.artifacts import read_sidecar
     from trt.backends import ort_session_options
     from trt.export import export_onnx
     from trt.quantize import agreement, quantize_onnx
@@ -92,7 +94,7 @@ def main() -> None:
                                 target="tensorrt" if target == "tensorrt" else "onnxruntime", min_agreement=0.0,
                                 ops=("MatMul", "Gemm") if target == "mae_only" else ("Conv", "MatMul", "Gemm"))
         else:
-            rec = json.loads(path.with_name(path.name + ".meta.json").read_text())
+            rec = read_sidecar(path, "ONNX", OnnxMeta).model_dump()
         res["quantize"][target] = rec["quantization"]
 
     test = index_dataset(args.data, need_test=True).test

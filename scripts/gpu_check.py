@@ -14,7 +14,6 @@ agree and map error <= 2 % of the map's range).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -55,6 +54,8 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    from mae_ad.contract import OnnxMeta
+    from trt.artifacts import read_sidecar
     from trt.backends import open_backend
     from trt.build import build_engine, gpu_info, import_tensorrt
 
@@ -74,19 +75,19 @@ def main() -> int:
         t_export = time.perf_counter() - t0
     # reference: the FP32 ONNX on ONNX Runtime (CPU)
     ref_path = onnx_path
-    meta = json.loads(Path(str(onnx_path) + ".meta.json").read_text())
+    meta = read_sidecar(onnx_path, "ONNX", OnnxMeta)
     plan = work / (onnx_path.stem + ".plan")
     major = int(str(trt.__version__).split(".")[0])
-    use_flag = args.fp16 and meta.get("precision") != "fp16" and major == 10
+    use_flag = args.fp16 and meta.precision != "fp16" and major == 10
     t0 = time.perf_counter()
     build_engine(onnx_path, plan, fp16=use_flag, max_batch=args.max_batch, opt_batch=args.max_batch,
                  timing_cache=args.timing_cache or work / "timing.cache")
     t_build = time.perf_counter() - t0
     print(f"gpu: {gpu['name']} (compute {gpu['compute_capability']}), TensorRT {trt.__version__}")
-    print(f"onnx: {onnx_path} precision={meta.get('precision')} export_s={t_export and round(t_export, 1)}")
+    print(f"onnx: {onnx_path} precision={meta.precision} export_s={t_export and round(t_export, 1)}")
     print(f"engine: {plan} build_s={t_build:.1f} size_mb={plan.stat().st_size / 1e6:.1f}")
 
-    size = int(meta["input"]["size"])
+    size = int(meta.input.size)
     ok = True
     rows = []
     with open_backend("tensorrt", plan) as be, open_backend("onnxruntime", ref_path) as ref:

@@ -151,8 +151,47 @@ def test_recalibrate_without_knn_and_back(feature_bundle, synthetic_data, tmp_pa
         assert not torch.allclose(a(x)[1], b(x)[1])
 
 
+def test_balanced_fusion_scales_each_term_by_its_held_back_spread(feature_bundle, synthetic_data, tmp_path) -> None:
+    """scoring.fusion=balanced (`mae-ad calibrate --set`, no retraining): each z-map is divided by the std of its
+    image score over the held-back normal images, so both terms have unit spread there and the fused map is their
+    scaled sum; the threshold is taken on the fused scores of the same images; the graph exports with parity."""
+    import json
+
+    import onnxruntime as ort
+
+    from mae_ad.bundle import load_scorer
+    from mae_ad.calibrate import recalibrate
+    from mae_ad.data import load_stack
+    from trt.export import export_onnx
+
+    out = recalibrate(feature_bundle, synthetic_data, tmp_path / "bal", ["scoring.fusion=balanced"])
+    scorer, cal, _ = load_scorer(out, require_calibration=True)
+    assert scorer.balanced and "fuse_scale" in scorer.calibration_tensors()
+    assert cal["fusion"] == "balanced" and cal["fusion_scale_knn"] == pytest.approx(float(scorer.fuse_scale[1]))
+    held = torch.from_numpy(load_stack([Path(synthetic_data) / h for h in cal["holdout_images"]], 64))
+    with torch.no_grad():
+        recon, knn = scorer.fusion_terms(held)
+        amap, score = scorer(held)
+    for j, term in enumerate((recon, knn)):  # unit spread of each term's image score on the held-back normals
+        assert float((term.flatten(1).amax(1) / scorer.fuse_scale[j]).std()) == pytest.approx(1.0, rel=1e-4)
+    fused = recon / scorer.fuse_scale[0] + scorer.knn_weight * knn / scorer.fuse_scale[1]
+    assert torch.allclose(amap, fused, atol=1e-5)
+    assert cal["threshold"] == pytest.approx(float(score.max()), rel=1e-5)  # 4 images, FPR 0.01: their maximum
+    # a plain-sum bundle is unchanged by the option's existence (its calibration has no fuse_scale)
+    plain, _, _ = load_scorer(feature_bundle)
+    assert "fuse_scale" not in plain.calibration_tensors() and not plain.balanced
+    onnx_path = export_onnx(out, tmp_path / "bal.onnx")  # verify=True: ORT parity with torch or it fails
+    x = np.random.default_rng(4).random((2, 3, 64, 64), dtype=np.float32)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    _, o_score = sess.run(None, {sess.get_inputs()[0].name: x})
+    with torch.no_grad():
+        assert np.allclose(o_score, scorer(torch.from_numpy(x))[1].numpy(), rtol=1e-3, atol=1e-3)
+    assert json.loads((tmp_path / "bal.onnx.meta.json").read_text())["threshold"] == pytest.approx(cal["threshold"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("scoring.knn_weight=1", "scoring.knn_weight > 0 needs feature tokens: set model.backbone"),
+    ("scoring.fusion=balanced", "scoring.fusion=balanced needs two maps in z-score units"),
 ])
 def test_pixel_model_refuses_feature_options(override, message, tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", "configs/tiny-p8.yaml", "--set",

@@ -16,7 +16,6 @@ from mae_ad.contract import (
     BUNDLE_CALIB_TENSORS,
     BUNDLE_CALIBRATION,
     UserError,
-    dump_meta,
     read_bundle_meta,
     read_json,
 )
@@ -49,10 +48,8 @@ def merge_bundle(bundle: str | Path, out: str | Path) -> Path:
         "parent": {"bundle": str(src), "bundle_sha256": bundle_sha256(src), "model_id": meta.model_id,
                    "weights_sha256": meta.weights_sha256},
     }
-    recorded = dump_meta(meta)
-    for key in ("created_by", "train", "data"):  # keep what the trainer recorded about the run
-        if key in recorded:
-            extra[key] = recorded[key]
+    if meta.training is not None:  # keep what the trainer recorded about the run (precision checks find the
+        extra["training"] = meta.training  # held-back images through it)
     with staged_dir(out) as d:
         write_bundle_files(d, model, cfg, calibration, scorer=None, extra_meta=extra)
         if (src / BUNDLE_CALIB_TENSORS).is_file():

@@ -39,6 +39,9 @@ def test_torch_and_onnxruntime_backends_agree(tiny_bundle, onnx_model):
         assert tb.meta.threshold == pytest.approx(ob.meta.threshold) and tb.meta.threshold is not None
         assert tb.meta.model_id == ob.meta.model_id
         assert ob.meta.input.mean == pytest.approx([0.485, 0.456, 0.406])
+        from mae_ad.contract import Prediction
+
+        assert isinstance(tb.infer(x), Prediction) and isinstance(ob.infer(x), Prediction)  # the typed result
         tm, ts = tb.infer(x)
         om, os_ = ob.infer(x)
         assert tm.dtype == om.dtype == np.float32 and om.shape == (3, 1, 32, 32) and os_.shape == (3,)

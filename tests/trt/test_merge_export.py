@@ -74,6 +74,23 @@ def test_merge_parity_and_plain_architecture(tiny_bundle, tmp_path):
         assert float((sa - sb).abs().max()) <= 1e-5, name
 
 
+def test_merge_keeps_the_training_record(tiny_bundle, tmp_path):
+    """The trainer's `training` record (held-back images, steps) survives the merge: precision checks on a merged
+    bundle find the held-back images through it."""
+    import shutil
+
+    from trt.merge import merge_bundle
+
+    src = tmp_path / "trained"
+    shutil.copytree(tiny_bundle, src)
+    meta = json.loads((src / "meta.json").read_text())
+    record = {"optimizer_steps": 7, "holdout": ["a.png", "b.png"], "seed": 0}
+    meta["training"] = record
+    (src / "meta.json").write_text(json.dumps(meta))
+    merged = merge_bundle(src, tmp_path / "merged")
+    assert json.loads((merged / "meta.json").read_text())["training"] == record
+
+
 def test_merge_refuses_merged_bundle_and_existing_out(tiny_bundle, tmp_path):
     from trt.merge import merge_bundle
 
