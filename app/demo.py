@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # The embedded default, the feature-space recipe family of configs/magnetic-tile.yaml at demo scale: a 4-block
 # ViT-Tiny-wide MAE over the cells of the frozen ImageNet EfficientNet-Lite0 (stride 8 and 16 levels on a 16x16 grid
-# at 128 px), fused with the in-graph kNN memory, for two CPU minutes.
+# at 128 px), fused with the in-graph kNN memory (balanced: each map scaled by its held-back normal spread), for two
+# CPU minutes.
 DEMO_OVERRIDES = [
     "name=demo-tile",
     "model.preset=tiny-p8",
@@ -38,6 +39,7 @@ DEMO_OVERRIDES = [
     "scoring.pattern=grid",
     "scoring.normalize=position",
     "scoring.knn_weight=1.0",
+    "scoring.fusion=balanced",
     "scoring.sigma=2.0",
     "train.mask_mode=mixed",
     "train.epochs=400",
