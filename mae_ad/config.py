@@ -85,6 +85,11 @@ class BackboneConfig(Section):
             raise ValueError(f"local: {self.local} must be odd (a centred neighbourhood)")
         if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
             raise ValueError(f"layers: {self.layers} must be distinct non-negative feature levels")
+        if self.name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2") and max(self.layers) > 4:
+            # timm's feature_info of every EfficientNet-Lite: 5 levels (checked against the network at build time)
+            bad = max(self.layers)
+            raise ValueError(f"layers: {bad} is not a feature level of {self.name}; it has 0-4 (strides 2, 4, 8, "
+                             "16, 32)")
         return self
 
 

@@ -149,8 +149,10 @@ def test_bad_backbone_inputs_name_the_file_or_key(tmp_path) -> None:
     tok = FeatureTokenizer(BackboneConfig(name="efficientnet_lite0", weights=str(wrong)), 64)
     with pytest.raises(UserError, match="resnet18.pth: not weights of efficientnet_lite0"):
         tok.load_source_weights()
-    with pytest.raises(UserError, match="model.backbone.layers: 9 is not a feature level"):
-        FeatureTokenizer(BackboneConfig(layers=[2, 9]), 64)
+    with pytest.raises(UserError, match="model.backbone.layers: 9 is not a feature level of timm:resnet18"):
+        FeatureTokenizer(BackboneConfig(name="timm:resnet18", layers=[2, 9]), 64)  # timm: checked on the network
+    with pytest.raises(ValueError, match="layers: 9 is not a feature level of efficientnet_lite0; it has 0-4"):
+        BackboneConfig(layers=[2, 9])  # EfficientNet-Lite: already at config validation
     with pytest.raises(UserError, match="model.backbone.name: unknown backbone"):
         FeatureTokenizer(BackboneConfig(name="vgg"), 64)
     with pytest.raises(UserError, match="model.backbone.weights: timm:resnet18 needs a local weights file"):

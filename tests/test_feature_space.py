@@ -204,6 +204,7 @@ def test_pixel_model_refuses_feature_options(override, message, tmp_path) -> Non
     ("model.gmm_components=2", "gmm_components: a pixel-space option"),
     ("model.backbone.local=2", "model.backbone: local: 2 must be odd"),
     ("model.img_size=60", "img_size 60 is not a multiple of backbone.stride x patch_size"),
+    ("model.backbone.layers=[2,7]", "layers: 7 is not a feature level of efficientnet_lite0; it has 0-4"),
 ])
 def test_feature_model_refuses_bad_keys(override, message, lite_weights) -> None:
     cmd = [sys.executable, "-m", "app.cli", "validate-config", "configs/tiny-p8.yaml"]
@@ -221,7 +222,7 @@ def test_bad_backbone_at_train_time_writes_nothing(synthetic_data, tmp_path) -> 
     wrong = tmp_path / "r18.pth"
     torch.save(timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict(), wrong)
     for extra, message in ((["model.backbone.weights=" + str(wrong)], "r18.pth: not weights of efficientnet_lite0"),
-                           (["model.backbone.layers=[2,7]"], "model.backbone.layers: 7 is not a feature level")):
+                           (["model.backbone.layers=[2,7]"], "model.backbone: layers: 7 is not a feature level")):
         out = tmp_path / f"b{len(message)}"
         cmd = [sys.executable, "-m", "app.cli", "train", "--data", str(synthetic_data), "--out", str(out)]
         for o in [*feature_overrides(wrong), *extra]:
