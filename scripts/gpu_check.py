@@ -99,7 +99,7 @@ def main() -> int:
             map_err = float(np.abs(maps - rmaps).max())
             score_rel = float((np.abs(scores - rscores) / np.maximum(np.abs(rscores), 1e-12)).max())
             agree = bool(((scores > thr) == (rscores > thr)).all()) if thr is not None else True
-            if meta.get("precision") == "fp16" or use_flag:
+            if meta.precision == "fp16" or use_flag:
                 passed = agree and map_err <= 0.02 * float(np.ptp(rmaps) or 1.0)
             else:
                 passed = map_err <= 1e-3 and score_rel <= 1e-3
