@@ -95,7 +95,7 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the bundle")
     cfg, model, meta = load_bundle(bundle)
-    cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{bundle} (with --set {overrides})")
+    cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{bundle} (with --set {', '.join(overrides)})")
     scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     arr, places = load_stack_placed(paths, cfg.model.img_size, cfg.data.resize)
     images = torch.from_numpy(arr)

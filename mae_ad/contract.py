@@ -62,12 +62,12 @@ def format_validation_error(err: ValidationError, source: str, what: str = "conf
     """One line naming every field at fault: `<source>: invalid <what>: a.b: msg; c: msg`."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {msg}" if loc else msg)  # whole-config checks name their keys in the message
     return f"{source}: invalid {what}: " + "; ".join(parts)
 
 
