@@ -208,7 +208,8 @@ def run_agent_demo(model: str | Path | None, out: str | Path, seconds: float = 2
         view.start()
         if stream is not None:
             stream.write(f"agent demo: {video['path']} ({video['frames']} frames at {fps:g} fps, defects in frames "
-                         f"{video['defect_segments']}), engine {kind}, broker "
+                         f"{video['defect_segments']}, played in a loop: each pass raises its alerts again), "
+                         f"engine {kind}, broker "
                          f"{type(brk).__name__} on 127.0.0.1:{brk.port}, {seconds:g} s\n")
         threading.Thread(target=_announce_page, args=(agent, stream), name="announce", daemon=True).start()
         agent.run(duration_s=seconds, install_signals=threading.current_thread() is threading.main_thread())
@@ -222,6 +223,7 @@ def run_agent_demo(model: str | Path | None, out: str | Path, seconds: float = 2
         "seconds": seconds, "frames_scored": agent.frames_scored, "alerts_raised": agent.alerts_raised,
         "alerts_received": len(starts), "first_score_s": agent.first_score_s, "messages": dict(view.counts),
         "evidence_dir": str(out / "evidence"), "defect_segments": video["defect_segments"],
+        "video_passes": round(seconds * fps / video["frames"], 2),  # the file loops: alerts repeat per pass
         "live_view": agent.web.url if agent.web is not None else None,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -366,6 +366,8 @@ def test_agent_demo_prints_the_page_address_while_it_runs(tmp_path):
     assert json.loads(_req(url + "api/state")[1])["actions"] is False  # the demo's page is read-only
     t.join(60)
     assert not t.is_alive() and result["live_view"] == url
+    # 6 s at 10 fps over a 40-frame file that loops: 1.5 passes, said in the announcement and the summary
+    assert result["video_passes"] == 1.5 and "played in a loop" in out.getvalue()
 
 
 def test_port_in_use_and_missing_token_are_clear_errors(tmp_path, monkeypatch):
