@@ -368,6 +368,14 @@ def _valid_masks(placements: list[Any]) -> torch.Tensor:
     return torch.from_numpy(np.stack([valid_mask(p) for p in placements])[:, None])
 
 
+def _image_scores(scorer: Scorer, maps: torch.Tensor, placements: list[Any] | None) -> np.ndarray:
+    """Image scores float64 [N] of maps [N, 1, S, S] by the rule evaluation and the agent use: over each image's
+    valid region when some `placements` are letterboxed (`valid_scores`), else `Scorer.reduce_map`."""
+    if placements is not None and not all(p.full for p in placements):
+        return valid_scores(maps, placements, scorer.scoring)
+    return scorer.reduce_map(maps).double().cpu().numpy()
+
+
 def valid_scores(maps: torch.Tensor, placements: list[Any], scoring: Any) -> np.ndarray:
     """Image scores float64 [N] from model-size maps [N, 1, S, S], each over its image's valid region
     (`contract.score_valid` with scoring.reduce / scoring.topk_fraction)."""
@@ -443,29 +451,22 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
             feats = torch.cat([scorer.cell_features(scorer.normalise_input(stats_src[i:i + batch_size]))
                                for i in range(0, n_stats, batch_size)])
             scorer.set_cell_stats(*normal_statistics(feats, floor_share=0.1, eps=1e-6))
+    held = images[stats_n:]
+    held_places = None if placements is None else placements[stats_n:]
     fusion: dict[str, Any] = {}
     if scorer.balanced:  # each term divided by the spread of its image score over the held-back normal images
-        held = images[stats_n:]
-        terms: list[list[torch.Tensor]] = [[], []]
-        for i in range(0, held.shape[0], batch_size):
-            for j, term in enumerate(scorer.fusion_terms(held[i:i + batch_size])):
-                terms[j].append(term)
-        spreads = []
-        for parts in terms:  # the image score of each term alone, by the rule the threshold uses
-            maps = torch.cat(parts)
-            if placements is not None and not all(p.full for p in placements):
-                sc = torch.from_numpy(valid_scores(maps, placements[stats_n:], scorer.scoring))
-            else:
-                sc = scorer.reduce_map(maps).double().cpu()
-            spreads.append(float(sc.std()) if sc.numel() > 1 else 1.0)
-        spread = torch.tensor(spreads).clamp_min(1e-6)
-        scorer.fuse_scale.copy_(spread.to(scorer.fuse_scale))
-        fusion = {"fusion": "balanced", "fusion_scale_reconstruction": float(spread[0]),
-                  "fusion_scale_knn": float(spread[1])}
-    thr_maps, scores = score_batches(scorer, images[stats_n:], batch_size)
-    s = scores.double().cpu().numpy()
-    if placements is not None and not all(p.full for p in placements):
-        s = valid_scores(thr_maps, placements[stats_n:], scorer.scoring)
+        parts = [scorer.fusion_terms(held[i:i + batch_size]) for i in range(0, held.shape[0], batch_size)]
+        recon, knn = (torch.cat([p[j] for p in parts]) for j in (0, 1))
+        spreads = [float(np.std(sc, ddof=1)) if sc.size > 1 else 1.0
+                   for sc in (_image_scores(scorer, t, held_places) for t in (recon, knn))]
+        scorer.fuse_scale.copy_(torch.tensor(spreads).clamp_min(1e-6).to(scorer.fuse_scale))
+        fusion = {"fusion": "balanced", "fusion_scale_reconstruction": float(scorer.fuse_scale[0]),
+                  "fusion_scale_knn": float(scorer.fuse_scale[1])}
+        # the fused maps of the same images, formed as `forward` forms them (no second scoring pass)
+        thr_maps = recon / scorer.fuse_scale[0] + scorer.knn_weight * knn / scorer.fuse_scale[1]
+    else:
+        thr_maps, _ = score_batches(scorer, held, batch_size)
+    s = _image_scores(scorer, thr_maps, held_places)
     threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
     return {
         "threshold": threshold,
