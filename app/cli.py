@@ -29,6 +29,16 @@ app = typer.Typer(
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (see configs/)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+EngineOpt = Annotated[str, typer.Option(help="what scores the images: auto (ONNX Runtime on the bundle's cached "
+                                        "ONNX export where onnxruntime is installed, else torch), torch or "
+                                        "onnxruntime")]
+OnnxOpt = Annotated[Path | None, typer.Option("--onnx", help="score with this ONNX graph of the bundle's model "
+                                              "(e.g. an int8 one from `mae-ad quantize`) through ONNX Runtime")]
+PrecisionOpt = Annotated[str | None, typer.Option(help="torch scoring precision: auto (bf16 where the CPU has "
+                                                  "native bf16 and it reproduces the fp32 decisions on the "
+                                                  "held-back normals), fp32 or bf16 [default: $MAE_AD_PRECISION, "
+                                                  "else auto]")]
+ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads (default: its own)")]
 
 
 @app.command("validate-config")
@@ -99,6 +109,10 @@ def evaluate(
     eval_size: Annotated[str, typer.Option("--eval-size", help="where maps meet masks: 'original' (each image's "
                                            "own size, maps upsampled, as MVTec AD) or 'model' (the model's input "
                                            "size)")] = "original",
+    engine: EngineOpt = "auto",
+    onnx: OnnxOpt = None,
+    precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
     verbose: Verbose = False,
 ) -> None:
     """Image/pixel AUROC, AUPRO, F1 at the calibrated threshold, the training-free baseline beside;
@@ -106,7 +120,12 @@ def evaluate(
     setup_logging(verbose)
     from mae_ad.evaluate import run_evaluation
 
-    metrics = run_evaluation(bundle, data, out, batch_size=batch_size, baseline=baseline, eval_size=eval_size)
+    from .scoring_engines import open_scoring_engine, precheck_scoring
+
+    precheck_scoring(bundle, out, "evaluation report", data)
+    eng = open_scoring_engine(bundle, engine, onnx, precision, threads)
+    metrics = run_evaluation(bundle, data, out, batch_size=batch_size, baseline=baseline, eval_size=eval_size,
+                             engine=eng, precision=precision)
     typer.echo(" ".join(f"{k}={metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1")
                         if isinstance(metrics.get(k), float)))
 
@@ -116,13 +135,21 @@ def predict(
     bundle: Annotated[Path, typer.Argument(help="model bundle")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    engine: EngineOpt = "auto",
+    onnx: OnnxOpt = None,
+    precision: PrecisionOpt = None,
+    threads: ThreadsOpt = None,
     verbose: Verbose = False,
 ) -> None:
     """Score images: anomaly maps, heatmap overlays and a scores.csv."""
     setup_logging(verbose)
     from mae_ad.evaluate import run_predict
 
-    run_predict(bundle, images, out)
+    from .scoring_engines import open_scoring_engine, precheck_scoring
+
+    precheck_scoring(bundle, out, "predictions")
+    eng = open_scoring_engine(bundle, engine, onnx, precision, threads)
+    run_predict(bundle, images, out, engine=eng, precision=precision)
 
 
 @app.command("prepare-data")

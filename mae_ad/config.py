@@ -254,7 +254,10 @@ class TrainConfig(Section):
     mask_mode: Literal["random", "block", "mixed"] = "random"
     clip_grad: float | None = Field(None, gt=0)
     seed: int = 0
-    bf16: bool = False
+    # auto: bf16 autocast where the hardware multiplies bf16 natively (a CPU with AVX512-BF16 or AMX-BF16, a CUDA
+    # GPU with bf16 support), fp32 elsewhere (mae_ad.precision); weights, optimizer state and the loss stay fp32.
+    # The legacy key `bf16: true|false` is read as precision bf16|fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_minutes: float | None = Field(None, gt=0, description="stop training after this wall time")
     # steps: the cosine runs over train.epochs. time: it runs over train.max_minutes (the warm-up stays in steps),
     # so a wall-clock-budgeted run still anneals its learning rate; not bit-reproducible across machines.
@@ -262,6 +265,19 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="steps between log rows")
     checkpoint_every: int = Field(10, ge=1, description="epochs between resumable checkpoints")
     tensorboard: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_bf16(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "bf16" in data:
+            data = dict(data)
+            legacy = data.pop("bf16")
+            if not isinstance(legacy, bool):
+                raise ValueError(f"bf16: {legacy!r} is not true or false (the key is now train.precision)")
+            if "precision" in data and data["precision"] != ("bf16" if legacy else "fp32"):
+                raise ValueError("train.bf16 and train.precision disagree; keep train.precision only")
+            data["precision"] = "bf16" if legacy else "fp32"
+        return data
 
 
 class CalibrationConfig(Section):

@@ -12,6 +12,8 @@ import csv
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +50,55 @@ log = logging.getLogger(__name__)
 EVAL_SIZES = ("original", "model")  # maps compared with masks at each image's own size, or at the model's input
 FPR_LIMIT = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate (MVTec AD)
 N_CASES = 3  # images per case group in the report
+ENGINES = ("auto", "torch", "onnxruntime")  # what scores the images: `app.scoring_engines` resolves auto
 
 
-def _refuse_existing(out: Path, what: str) -> None:
+@dataclass
+class ScoringEngine:
+    """What scores the images of evaluate/predict when it is not the bundle's own torch scorer (the app layer builds
+    it, e.g. ONNX Runtime on the bundle's exported graph). `run(images)`: float32 [B, 3, S, S] in [0, 1] ->
+    (anomaly maps float32 [B, 1, S, S], scores float32 [B]), the exported graph's contract (docs/compile.md).
+    `info`: what the report records (engine, file, precision, ...)."""
+    name: str
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _torch_engine(scorer: Any, meta: Any, cal: dict[str, Any] | None, precision: str | None,
+                  data: Path | None, batch_size: int) -> ScoringEngine:
+    """The bundle's torch scorer at the precision `mae_ad.precision.prepare_precision` picks and checks (bf16 only
+    where the CPU has it natively and its decisions on the held-back normal images match fp32's)."""
+    import torch
+
+    from .precision import prepare_precision
+    from .scoring import score_batches
+
+    choice = prepare_precision(scorer, meta, cal, precision, data)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = score_batches(scorer, torch.from_numpy(np.ascontiguousarray(images)), batch_size)
+        return maps.float().cpu().numpy(), scores.float().cpu().numpy()
+
+    info = {"name": "torch", "precision": choice.precision, "precision_wanted": choice.wanted,
+            "precision_reason": choice.reason, "threads": torch.get_num_threads()}
+    if choice.images:
+        info["precision_check"] = f"{choice.agree}/{choice.images} decisions agree with fp32 on held-back normals"
+    return ScoringEngine("torch", run, info)
+
+
+def _score_all(engine: ScoringEngine, images: np.ndarray, batch_size: int) -> tuple[Any, Any]:
+    """(maps [N, 1, S, S], scores [N]) as torch tensors, scored by `engine` in batches of `batch_size`."""
+    import torch
+
+    maps, scores = [], []
+    for i in range(0, len(images), batch_size):
+        m, s = engine.run(np.ascontiguousarray(images[i:i + batch_size]))
+        maps.append(torch.from_numpy(np.asarray(m, np.float32)))
+        scores.append(torch.from_numpy(np.asarray(s, np.float32).reshape(-1)))
+    return torch.cat(maps), torch.cat(scores)
+
+
+def refuse_existing_out(out: Path, what: str) -> None:
     """Fail before any work if `out` cannot be created (bundle.staged_dir checks again when writing)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the {what} "
@@ -178,14 +226,16 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
 
 
 def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
-                   batch_size: int = 8, baseline: bool = True, eval_size: str = "original") -> dict[str, Any]:
+                   batch_size: int = 8, baseline: bool = True, eval_size: str = "original",
+                   engine: ScoringEngine | None = None, precision: str | None = None) -> dict[str, Any]:
     """Score the test images of `data` with the bundle's calibrated scorer; write metrics.json, scores.csv,
     report.md and plots/ into the new directory `out`. Returns the metrics dict. With `baseline`, the
     training-free baseline is computed on the same split and reported beside (`_baseline_beside`).
     `eval_size`: 'original' compares each map, upsampled to its image's own size, with the full-resolution mask
     (as MVTec AD does); 'model' compares them at the model's input size (masks resized nearest-neighbour).
     Under data.resize=letterbox maps are cropped to the image's valid region first, and image scores are taken
-    over that region only."""
+    over that region only. `engine`: what scores the test images (None: the bundle's torch scorer at `precision`,
+    see `_torch_engine`); plots, reconstructions and the baseline always use the torch model."""
     bundle, data, out = Path(bundle), Path(data), Path(out)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -193,7 +243,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
         raise UserError(f"--eval-size {eval_size!r}: choose one of {', '.join(EVAL_SIZES)}")
     # Every check that needs no model comes first (and without torch): a bad folder, image or mask fails in
     # seconds, before the model is loaded or anything is scored.
-    _refuse_existing(out, "evaluation report")
+    refuse_existing_out(out, "evaluation report")
     index = index_dataset(data, need_test=True)
     read_bundle_meta(bundle)
     cal = read_calibration(bundle)
@@ -207,9 +257,11 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     import torch
 
     from .bundle import load_scorer, staged_dir
-    from .scoring import score_batches, valid_scores
+    from .scoring import valid_scores
 
     scorer, _, meta = load_scorer(bundle, require_calibration=True)
+    if engine is None:
+        engine = _torch_engine(scorer, meta, cal, precision, data, batch_size)
     if scorer.img_size != size:  # pragma: no cover - the same config file read twice
         raise UserError(f"{bundle / BUNDLE_CONFIG}: changed while evaluating")
     threshold = float(cal["threshold"])
@@ -221,7 +273,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
                     n_unmasked, data / "ground_truth")
 
     t0 = time.perf_counter()
-    maps_t, scores_t = score_batches(scorer, torch.from_numpy(images), batch_size)
+    maps_t, scores_t = _score_all(engine, images, batch_size)
     t_score = time.perf_counter() - t0
     maps = maps_t[:, 0].cpu().numpy().astype(np.float32, copy=False)
     scores = valid_scores(maps_t, places, scorer.scoring) if resize != "squash" else \
@@ -275,6 +327,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
         "seconds_per_image": t_score / len(samples),
         "seconds_per_image_with_io": (t_score + t_io) / len(samples),
         "batch_size": batch_size,
+        "engine": engine.info,
         "torch_threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
@@ -443,6 +496,20 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _engine_line(e: dict[str, Any]) -> str:
+    """'onnxruntime (fp32, /path/model.onnx)' or 'torch (bf16: 40/40 decisions agree ...)' for the report."""
+    bits = [str(e.get("precision", "fp32"))]
+    if e.get("precision_check"):
+        bits[0] += f": {e['precision_check']}"
+    elif e.get("precision_reason"):
+        bits[0] += f" ({e['precision_reason']})"
+    if e.get("onnx"):
+        bits.append(f"`{e['onnx']}`")
+    if e.get("threads"):
+        bits.append(f"{e['threads']} threads")
+    return f"{e.get('name', 'torch')} ({', '.join(bits)})"
+
+
 def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
     cal = r["calibration"]
     conf = r["confusion"]
@@ -455,7 +522,7 @@ def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
           f"{len(r['per_defect'])} types)",
           f"- Scoring time: {r['seconds_per_image'] * 1000:.1f} ms per image "
           f"({r['seconds_per_image_with_io'] * 1000:.1f} ms with image reading), batch {r['batch_size']}, "
-          f"{r['torch_threads']} CPU threads",
+          f"engine {_engine_line(r.get('engine') or {})}",
           f"- Created: {r['created']}", ""]
     if r["n_defect_without_mask"]:
         L += [f"> {r['n_defect_without_mask']} defect image(s) have no ground-truth mask: they count for the "
@@ -602,20 +669,21 @@ def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> No
 
 
 def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | os.PathLike[str],
-                batch_size: int = 8) -> Path:
+                batch_size: int = 8, engine: ScoringEngine | None = None, precision: str | None = None) -> Path:
     """Score image files (or every image in given folders): write <stem>_map.png, <stem>_overlay.jpg and
-    scores.csv into the new directory `out`. Returns `out`."""
+    scores.csv into the new directory `out`. Returns `out`. `engine`/`precision`: as in `run_evaluation`."""
     out = Path(out)
-    _refuse_existing(out, "predictions")
+    refuse_existing_out(out, "predictions")
     files = _collect_images(list(images))
     read_bundle_meta(bundle)
 
-    import torch
-
     from .bundle import load_scorer, staged_dir
-    from .scoring import score_batches, valid_scores
+    from .scoring import valid_scores
 
-    scorer, cal, _meta = load_scorer(bundle)
+    scorer, cal, meta = load_scorer(bundle)
+    if engine is None:
+        engine = _torch_engine(scorer, meta, cal, precision, None, batch_size)
+    log.info("scoring with %s", _engine_line(engine.info))
     threshold = float(cal["threshold"]) if cal is not None else None
     if threshold is None:
         log.warning("%s: bundle has no calibration; scores.csv will have no threshold or verdict", bundle)
@@ -628,7 +696,7 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
             placed = [read_image_placed(p, size, resize) for p in chunk]
-            maps, scores = score_batches(scorer, torch.from_numpy(np.stack([a for a, _ in placed])), batch_size)
+            maps, scores = _score_all(engine, np.stack([a for a, _ in placed]), batch_size)
             places = [pl for _, pl in placed if pl is not None]
             sc = valid_scores(maps, places, scorer.scoring) if resize != "squash" else \
                 scores.double().cpu().numpy()

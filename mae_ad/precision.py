@@ -71,6 +71,22 @@ def resolve_precision(setting: str | None = None, flags: list[str] | None = None
     return setting
 
 
+def training_precision(setting: str, device_type: str = "cpu", flags: list[str] | None = None) -> str:
+    """`fp32` or `bf16` for training (`train.precision`): `auto` is bf16 on a CPU with native bf16 (`native_bf16`)
+    or a CUDA device that supports it (Ampere or newer), fp32 elsewhere; `fp32`/`bf16` are used as set (bf16 forced
+    on a CPU without it is logged: torch emulates it, several times slower). Mixed precision as in
+    `torch.autocast`: weights, optimizer state and the loss stay fp32."""
+    if setting not in PRECISIONS:
+        raise UserError(f"train.precision {setting!r}: choose one of {', '.join(PRECISIONS)}")
+    if device_type == "cuda":
+        import torch
+
+        if setting == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return setting
+    return resolve_precision(setting, flags)
+
+
 def precision_context(precision: str) -> Any:
     """The context to score in: CPU/CUDA autocast to bfloat16 for `bf16`, nothing for `fp32`."""
     import torch

@@ -42,6 +42,7 @@ from .calibrate import fit_knn_memory, training_stats_placed
 from .config import Config, config_from_dict
 from .contract import UserError, write_json_atomic
 from .model import MaskedAutoencoderViT, build_model, count_params
+from .precision import cpu_isa_flags, training_precision
 from .scoring import Scorer, calibrate, normalise_images
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,11 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
                  tc.accum_iter, world, tc.epochs, steps_per_epoch, run_dir)
 
     # 6. The loop.
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tc.bf16 else nullcontext())
+    precision = training_precision(tc.precision, device.type)
+    if main:
+        log.info("training precision %s (train.precision=%s%s)", precision, tc.precision,
+                 f", CPU flags: {' '.join(cpu_isa_flags()) or 'unknown'}" if device.type == "cpu" else "")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
     trainable = [p for p in model.parameters() if p.requires_grad]
     mask_gen = torch.Generator(device=device)
     mask_mode = getattr(tc, "mask_mode", "random")
@@ -459,7 +464,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
             "data": str(index.root), "layout": index.layout, "n_train_images": len(train_paths),
             "n_holdout_images": len(holdout), "epochs_done": epoch + 1 if epoch_losses else start_epoch,
             "optimizer_steps": step, "stopped_early": stopped_early, "train_seconds": round(train_s, 1),
-            "world_size": world, "effective_batch": eff_batch, "lr": base_lr,
+            "world_size": world, "effective_batch": eff_batch, "lr": base_lr, "precision": precision,
             "first_epoch_loss": epoch_losses[0] if epoch_losses else None,
             "last_epoch_loss": epoch_losses[-1] if epoch_losses else None,
             "resumed_from": str(ckpt_file) if ckpt_file else None, "pretrained": cfg.model.pretrained,

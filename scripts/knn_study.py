@@ -41,6 +41,25 @@ def images(size, resize):
     return c
 
 
+def clahe(x, clip):
+    import cv2
+    op = cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8))
+    out = []
+    for im in x:
+        g = (im[0].numpy() * 255).clip(0, 255).astype(np.uint8)
+        e = torch.from_numpy(op.apply(g).astype(np.float32) / 255)
+        out.append(e.expand(im.shape[0], -1, -1))
+    return torch.stack(out)
+
+
+def flat_field(x, sigma):
+    """divide out the low-frequency illumination (Gaussian of sigma px), then re-centre at mid grey"""
+    k = gaussian_kernel1d(sigma, x.shape[-1] - 1)
+    lo = gaussian_blur(x[:, :1], k).expand_as(x)
+    r = x / lo.clamp_min(1e-3)
+    return ((r - 1) * 0.5 + 0.45).clamp(0, 1)
+
+
 def feats(c, size, name, layers, stride, local, resize):
     key = RUNS / f"f_{size}_{resize}_{name}_{''.join(map(str, layers))}_{stride}_{local}.pt"
     if key.exists():
@@ -112,6 +131,12 @@ def main():
         c = dict(c)
         for k in ("Xtr", "Xho", "Xte"):
             x = c[k]
+            if a.imgnorm.startswith("clahe"):
+                c[k] = clahe(x, float(a.imgnorm[5:] or 2.0))
+                continue
+            if a.imgnorm.startswith("flat"):
+                c[k] = flat_field(x, float(a.imgnorm[4:] or 16.0))
+                continue
             mu = x.mean((1, 2, 3), keepdim=True)
             sd = x.std((1, 2, 3), keepdim=True) if a.imgnorm == "meanstd" else 0.2
             c[k] = (x - mu) / sd * 0.2 + 0.45

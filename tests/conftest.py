@@ -29,6 +29,21 @@ def crash_after_checkpoint(monkeypatch, epoch: int):
     return lambda: monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory):
+    """evaluate/predict export bundles to ONNX into a per-user cache (trt.onnx_cache): in tests, a session folder,
+    never the user's home (subprocesses inherit it)."""
+    import os
+
+    old = os.environ.get("MAE_AD_CACHE")
+    os.environ["MAE_AD_CACHE"] = str(tmp_path_factory.mktemp("mae_ad_cache"))
+    yield
+    if old is None:
+        os.environ.pop("MAE_AD_CACHE", None)
+    else:
+        os.environ["MAE_AD_CACHE"] = old
+
+
 @pytest.fixture
 def tiny_cfg():
     from mae_ad.config import load_config

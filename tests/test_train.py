@@ -205,3 +205,40 @@ def test_training_on_cuda_with_mixed_masks(synthetic_data, tmp_path):
     out = run_training(cfg, synthetic_data, tmp_path / "b")
     t = json.loads((out / "meta.json").read_text())["training"]
     assert t["epochs_done"] == 4 and math.isfinite(t["last_epoch_loss"])
+
+
+@pytest.mark.parametrize("flags, setting, expect", [(["avx2", "fma"], "auto", "fp32"),
+                                                     (["avx2", "avx512f", "avx512_bf16"], "auto", "bf16"),
+                                                     (["avx2", "avx512f", "avx512_bf16"], "fp32", "fp32")])
+def test_training_precision_follows_the_cpu_and_the_config(synthetic_data, tmp_path, monkeypatch, flags, setting,
+                                                           expect):
+    """train.precision=auto trains under bf16 autocast only where the CPU multiplies bf16 natively (issue 14): the
+    linears of the training steps compute in that dtype, the record says so, weights stay fp32."""
+    import mae_ad.precision as P
+
+    monkeypatch.setattr(P, "cpu_isa_flags", lambda cpuinfo=None: list(flags))
+    dtypes: set[torch.dtype] = set()
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear) and module.training and torch.is_tensor(output):
+            dtypes.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        cfg = load_config(None, tiny_overrides() + FAST + ["train.epochs=1", f"train.precision={setting}"])
+        out = run_training(cfg, synthetic_data, tmp_path / "b")
+    finally:
+        handle.remove()
+    t = json.loads((out / "meta.json").read_text())["training"]
+    assert t["precision"] == expect and math.isfinite(t["last_epoch_loss"])
+    assert dtypes == {torch.bfloat16 if expect == "bf16" else torch.float32}
+    assert {v.dtype for v in load_file(str(out / "weights.safetensors")).values()} == {torch.float32}
+
+
+def test_legacy_bf16_key_reads_as_train_precision():
+    assert load_config(None, ["train.bf16=true"]).train.precision == "bf16"
+    assert load_config(None, ["train.bf16=false"]).train.precision == "fp32"
+    with pytest.raises(UserError, match="disagree"):
+        load_config(None, ["train.bf16=true", "train.precision=fp32"])
+    with pytest.raises(UserError, match="train.precision"):
+        load_config(None, ["train.precision=fp16"])

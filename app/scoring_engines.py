@@ -1,0 +1,98 @@
+"""Which engine scores the images of `evaluate` and `predict` (issue 14, item 4).
+
+`auto` (the default) is ONNX Runtime on the bundle's fp32 ONNX export (cached per bundle, `trt.onnx_cache`) where
+onnxruntime is installed: on the CPU boxes measured it scored 4.5-5x faster than eager torch with identical decisions
+(BENCHMARKS.md, "Precision and engine"). Without onnxruntime, or when the export fails, `auto` falls back to the
+bundle's torch scorer with a log line. `torch` is the bundle's scorer at the precision `mae_ad.precision` chooses
+(bf16 only on a CPU with native bf16, and only when it reproduces the fp32 decisions). `--onnx FILE` scores with a
+given graph of the same model (e.g. an int8 one from `mae-ad quantize`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from mae_ad.contract import OnnxMeta, UserError, read_bundle_meta
+from mae_ad.evaluate import ENGINES, ScoringEngine
+
+log = logging.getLogger(__name__)
+
+
+def _onnxruntime_engine(path: Path, threads: int | None, cached: bool) -> tuple[ScoringEngine, OnnxMeta]:
+    from trt.backends import open_backend
+
+    backend = open_backend("onnxruntime", path, threads=threads)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = backend.infer(images)
+        return p.maps, p.scores
+
+    meta = backend.meta
+    if not isinstance(meta, OnnxMeta):  # pragma: no cover - the onnxruntime backend reads an OnnxMeta
+        raise UserError(f"{path}: not an ONNX scoring graph")
+    info = {"name": "onnxruntime", "onnx": str(path), "precision": meta.precision, "cached_export": cached,
+            "threads": threads or "onnxruntime default"}
+    return ScoringEngine("onnxruntime", run, info), meta
+
+
+def precheck_scoring(bundle: Path, out: Path, what: str, data: Path | None = None) -> None:
+    """The checks that need no model, before an export may take seconds: `out` must not exist, `bundle` must be a
+    readable bundle, `data` (evaluate) a dataset with test images. UserError naming the path otherwise."""
+    from mae_ad.data import index_dataset
+    from mae_ad.evaluate import refuse_existing_out
+
+    refuse_existing_out(out, what)
+    read_bundle_meta(bundle)
+    if data is not None:
+        index_dataset(data, need_test=True)
+
+
+def open_scoring_engine(bundle: Path, engine: str = "auto", onnx: Path | None = None, precision: str | None = None,
+                        threads: int | None = None) -> ScoringEngine | None:
+    """The engine for `bundle`: a ScoringEngine, or None for the bundle's own torch scorer (at `precision`).
+
+    Raises UserError for an unknown engine, onnxruntime asked for but not installed, an `onnx` file of another
+    model or input size, or bf16 asked of ONNX Runtime."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if onnx is not None:
+        if engine == "torch":
+            raise UserError(f"--onnx {onnx}: an ONNX graph runs on --engine onnxruntime (or auto), not torch")
+        engine = "onnxruntime"
+    if precision == "bf16":
+        if engine == "onnxruntime":
+            raise UserError("--precision bf16 is a torch precision; ONNX Runtime scores the graph as exported "
+                            "(use --engine torch, or an int8 graph from `mae-ad quantize` with --onnx)")
+        engine = "torch"
+    if engine == "torch":
+        return None
+    if onnx is not None:
+        if not onnx.is_file():
+            raise UserError(f"--onnx {onnx}: file not found")
+        bmeta = read_bundle_meta(bundle)
+        eng, meta = _onnxruntime_engine(onnx, threads, cached=False)
+        if meta.model_id != bmeta.model_id:
+            raise UserError(f"--onnx {onnx}: a graph of model {meta.model_id!r}, not of {bundle} ({bmeta.model_id!r})")
+        if meta.input.size != bmeta.input.size:
+            raise UserError(f"--onnx {onnx}: input {meta.input.size} px, the bundle's is {bmeta.input.size} px")
+        return eng
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if engine == "onnxruntime":
+            raise UserError("--engine onnxruntime: onnxruntime is not installed (pip install onnxruntime)") from None
+        log.info("engine auto: onnxruntime is not installed; scoring with the bundle's torch model")
+        return None
+    from trt.onnx_cache import cached_onnx
+
+    try:
+        path = cached_onnx(bundle)
+    except UserError as e:
+        if engine == "onnxruntime":
+            raise
+        log.warning("engine auto: no ONNX export of %s (%s); scoring with the bundle's torch model", bundle, e)
+        return None
+    return _onnxruntime_engine(path, threads, cached=True)[0]

@@ -1,0 +1,155 @@
+"""evaluate/predict engines (issue 14, item 4): `auto` scores through ONNX Runtime on a cached, verified ONNX export
+of the bundle, with the torch scorer's decisions; bad engine choices are refused by name."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mae_ad.contract import UserError
+from mae_ad.data import index_dataset, load_stack
+
+from .conftest import make_bundle, synthetic_images
+
+
+@pytest.fixture(scope="module")
+def eval_bundle(tmp_path_factory) -> Path:
+    from tests.conftest import tiny_overrides
+
+    return make_bundle(tmp_path_factory.mktemp("eng") / "b", tiny_overrides() + ["scoring.sigma=1.0"])
+
+
+def _torch_scores(bundle: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from mae_ad.bundle import load_scorer
+
+    scorer, _, _ = load_scorer(bundle)
+    with torch.inference_mode():
+        m, s = scorer(torch.from_numpy(images))
+    return m.numpy(), s.numpy()
+
+
+def test_auto_scores_with_onnxruntime_from_a_cache_and_matches_torch(eval_bundle, tmp_path, monkeypatch, caplog):
+    from app.scoring_engines import open_scoring_engine
+
+    monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
+    eng = open_scoring_engine(eval_bundle, "auto")
+    assert eng is not None and eng.name == "onnxruntime" and eng.info["cached_export"]
+    path = Path(eng.info["onnx"])
+    assert path.is_file() and path.is_relative_to(tmp_path / "cache")
+    images = synthetic_images(5, 32, seed=7, defects=True)
+    maps, scores = eng.run(images)
+    ref_maps, ref_scores = _torch_scores(eval_bundle, images)
+    assert maps.shape == ref_maps.shape and scores.shape == ref_scores.shape
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(maps, ref_maps, rtol=1e-3, atol=1e-3)
+
+    stamp = path.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="trt.onnx_cache"):
+        again = open_scoring_engine(eval_bundle, "auto")
+    assert again is not None and Path(again.info["onnx"]) == path and path.stat().st_mtime_ns == stamp
+    assert "from the cache" in caplog.text
+
+
+def test_a_changed_bundle_gets_a_new_export(eval_bundle, tmp_path, monkeypatch):
+    from trt.onnx_cache import cached_onnx
+
+    monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
+    copy = Path(shutil.copytree(eval_bundle, tmp_path / "copy"))
+    first = cached_onnx(copy)
+    cal = copy / "calibration.json"
+    cal.write_text(cal.read_text().replace('"target_fpr"', '"note": "edited", "target_fpr"', 1))
+    second = cached_onnx(copy)
+    assert second != first and first.is_file() and second.is_file()
+
+
+def test_a_half_written_entry_is_exported_again(eval_bundle, tmp_path, monkeypatch):
+    from trt.onnx_cache import cached_onnx
+
+    monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
+    path = cached_onnx(eval_bundle)
+    (path.parent / (path.name + ".meta.json")).unlink()  # as if the writer died between the two files
+    again = cached_onnx(eval_bundle)
+    assert again == path and (path.parent / (path.name + ".meta.json")).is_file()
+
+
+def test_engine_choices_are_checked(eval_bundle, tmp_path):
+    from app.scoring_engines import open_scoring_engine
+
+    with pytest.raises(UserError, match="--engine 'tensorrt'"):
+        open_scoring_engine(eval_bundle, "tensorrt")
+    with pytest.raises(UserError, match="bf16 is a torch precision"):
+        open_scoring_engine(eval_bundle, "onnxruntime", precision="bf16")
+    assert open_scoring_engine(eval_bundle, "auto", precision="bf16") is None  # bf16 asked: the torch scorer
+    assert open_scoring_engine(eval_bundle, "torch") is None
+    onnx = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match="not torch"):
+        open_scoring_engine(eval_bundle, "torch", onnx=onnx)
+    with pytest.raises(UserError, match="file not found"):
+        open_scoring_engine(eval_bundle, "auto", onnx=onnx)
+
+
+def test_an_onnx_graph_of_another_model_is_refused(eval_bundle, tmp_path):
+    from app.scoring_engines import open_scoring_engine
+    from tests.conftest import tiny_overrides
+    from trt.export import export_onnx
+
+    other = make_bundle(tmp_path / "other", tiny_overrides() + ["scoring.sigma=1.0"], seed=3)
+    onnx = export_onnx(other, tmp_path / "other.onnx")
+    with pytest.raises(UserError, match="a graph of model"):
+        open_scoring_engine(eval_bundle, "auto", onnx=onnx)
+    assert open_scoring_engine(other, "auto", onnx=onnx).info["cached_export"] is False
+
+
+def test_auto_without_onnxruntime_falls_back_to_torch(eval_bundle, monkeypatch, caplog):
+    from app.scoring_engines import open_scoring_engine
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with caplog.at_level(logging.INFO, logger="app.scoring_engines"):
+        assert open_scoring_engine(eval_bundle, "auto") is None
+    assert "not installed" in caplog.text
+    with pytest.raises(UserError, match="pip install onnxruntime"):
+        open_scoring_engine(eval_bundle, "onnxruntime")
+
+
+def test_evaluate_by_onnxruntime_and_by_torch_agree(eval_bundle, synthetic_data, tmp_path):
+    import json
+
+    from app.scoring_engines import open_scoring_engine
+    from mae_ad.evaluate import run_evaluation
+
+    ort = run_evaluation(eval_bundle, synthetic_data, tmp_path / "ort", batch_size=4, baseline=False,
+                         engine=open_scoring_engine(eval_bundle, "onnxruntime"))
+    ref = run_evaluation(eval_bundle, synthetic_data, tmp_path / "torch", batch_size=4, baseline=False,
+                         precision="fp32")
+    assert ort["engine"]["name"] == "onnxruntime" and ref["engine"]["name"] == "torch"
+    assert ref["engine"]["precision"] == "fp32"
+    assert ort["confusion"] == ref["confusion"]
+    for k in ("image_auroc", "pixel_auroc", "aupro"):
+        assert ort[k] == pytest.approx(ref[k], abs=1e-4)
+    assert "engine onnxruntime (fp32" in (tmp_path / "ort" / "report.md").read_text()
+    assert json.loads((tmp_path / "torch" / "metrics.json").read_text())["engine"]["name"] == "torch"
+
+
+def test_forced_bf16_without_held_back_images_scores_in_fp32(eval_bundle, synthetic_data, tmp_path):
+    """The bundle records no held-back images to check bf16's decisions on: the torch engine keeps fp32 and
+    says why (mae_ad.precision.prepare_precision)."""
+    from mae_ad.evaluate import run_predict
+
+    out = run_predict(eval_bundle, [synthetic_data / "test" / "good"], tmp_path / "pred", precision="bf16")
+    assert (out / "scores.csv").is_file()
+    from mae_ad.bundle import load_scorer
+    from mae_ad.evaluate import _torch_engine
+
+    scorer, cal, meta = load_scorer(eval_bundle)
+    eng = _torch_engine(scorer, meta, cal, "bf16", None, 4)
+    assert eng.info["precision"] == "fp32" and eng.info["precision_wanted"] == "bf16"
+    assert "no images" in eng.info["precision_reason"]
+    idx = index_dataset(synthetic_data)
+    imgs = load_stack([s.path for s in idx.test[:3]], 32)
+    assert eng.run(imgs)[1].shape == (3,)

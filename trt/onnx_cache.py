@@ -1,0 +1,74 @@
+"""A per-user cache of bundles exported to ONNX, so that `evaluate` and `predict` can score through ONNX Runtime
+(several times faster than eager torch on a CPU, BENCHMARKS.md "Precision and engine") without an export step.
+
+The key is `bundle_sha256` (names and hashes of every file of the bundle): a re-trained or re-calibrated bundle
+gets a new entry, an unchanged one is exported once. The entry is the ordinary `export_onnx` output (parity with
+PyTorch verified at export, sidecar metadata), written atomically, so a crash leaves no half entry.
+
+Location: $MAE_AD_CACHE, else $XDG_CACHE_HOME/mae-ad, else ~/.cache/mae-ad; entries under onnx/<hash[:20]>/.
+Nothing is ever deleted by the product; `rm -rf` the folder to reclaim the space (about the bundle's size each).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from mae_ad.contract import OnnxMeta, UserError
+
+from .artifacts import bundle_sha256, read_sidecar, sidecar_path
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "MAE_AD_CACHE"
+
+
+def cache_root() -> Path:
+    """$MAE_AD_CACHE, else $XDG_CACHE_HOME/mae-ad, else ~/.cache/mae-ad."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mae-ad"
+
+
+def _valid_entry(path: Path, sha: str) -> bool:
+    if not (path.is_file() and sidecar_path(path).is_file()):
+        return False
+    try:
+        meta = read_sidecar(path, "ONNX", OnnxMeta)
+    except UserError:
+        return False
+    return meta.parent is not None and meta.parent.bundle_sha256 == sha
+
+
+def cached_onnx(bundle: str | os.PathLike[str], root: Path | None = None) -> Path:
+    """The fp32 ONNX export of `bundle` from the cache, exported now (`export_onnx`, verified) when missing.
+
+    Returns the .onnx path. Raises UserError when the bundle cannot be exported (the export's own errors) or the
+    cache folder cannot be written (naming it and $MAE_AD_CACHE)."""
+    from .export import export_onnx
+
+    bundle = Path(bundle)
+    sha = bundle_sha256(bundle)
+    folder = (root or cache_root()) / "onnx" / sha[:20]
+    path = folder / "model.onnx"
+    if _valid_entry(path, sha):
+        log.info("ONNX export of %s from the cache: %s", bundle, path)
+        return path
+    try:
+        if folder.exists():  # an entry from an interrupted or foreign writer: start it again
+            shutil.rmtree(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the ONNX cache ({e.strerror}); set ${CACHE_ENV} to a writable "
+                        "folder or use --engine torch") from None
+    log.info("exporting %s to ONNX once for ONNX Runtime scoring (cached in %s)", bundle, folder)
+    try:
+        export_onnx(bundle, path)
+    except UserError:
+        if _valid_entry(path, sha):  # another process exported it at the same moment
+            return path
+        raise
+    return path
