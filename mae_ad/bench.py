@@ -131,7 +131,9 @@ def bench_scoring(cfg: Config, batch: int, seconds: float, inference_mode: bool 
             "flop_per_image": flops / batch, "flops_per_s": flops / per}
 
 
-def bench_training(cfg: Config, batch: int, seconds: float) -> dict[str, Any]:
+def bench_training(cfg: Config, batch: int, seconds: float, bf16: bool = False) -> dict[str, Any]:
+    """One optimizer step (forward at train.mask_ratio, backward, AdamW) per repetition; `bf16`: under bf16
+    autocast, as `train.precision: bf16` trains."""
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -139,7 +141,8 @@ def bench_training(cfg: Config, batch: int, seconds: float) -> dict[str, Any]:
     x = torch.randn(batch, model.token_chans, side, side)
 
     def step() -> None:
-        loss, _, _ = model(x, cfg.train.mask_ratio)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _, _ = model(x, cfg.train.mask_ratio)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -269,6 +272,11 @@ def run_bench(what: str, presets: list[str], out: str | os.PathLike[str] | None,
             res["rows"].append({"preset": preset, "what": "training", **bench_training(cfg, 8, seconds)})
             res["rows"][-1]["fraction_of_peak"] = res["rows"][-1]["flops_per_s"] / peak_start
             emit(_row_line(res["rows"][-1]))
+            if native_bf16(ceiling_start["flags"]):  # what train.precision=auto trains with on this CPU
+                res["rows"].append({"preset": preset, "what": "train-bf16",
+                                    **bench_training(cfg, 8, seconds, bf16=True)})
+                res["rows"][-1]["fraction_of_peak"] = res["rows"][-1]["flops_per_s"] / peak_start
+                emit(_row_line(res["rows"][-1]))
     ceiling_end = gemm_ceiling(seconds, flags=ceiling_start["flags"])
     ceiling = merge_ceilings(ceiling_start, ceiling_end)  # the box is shared: each engine's better figure counts
     peak_end, peak = ceiling_end["best_fp32"]["ops_per_s"], ceiling["best_fp32"]["ops_per_s"]

@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="folder for the ONNX files (created)")
     ap.add_argument("--seconds", type=float, default=10.0, help="per engine and batch, over all rounds")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--agent-seconds", type=float, default=0.0,
+                    help="also run `mae-ad agent-bench` (no outage, video decoded as fast as possible) on the fp32 "
+                         "and int8 graphs for this long each; 0: skip")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -156,6 +159,20 @@ def main() -> None:
                                              "fraction_of_ceiling": ips * flop / best}
             log.info("batch %d %-18s %7.2f img/s (median %.2f)  %.1f%% of the fp32 ceiling", batch, k, ips,
                      float(np.median(rates)), 100 * ips * flop / best)
+    if args.agent_seconds > 0:
+        from app.agent_bench import run_agent_bench
+
+        res["agent"] = {}
+        for k, path in (("ort_fp32", f32), ("ort_int8", variants["onnxruntime"]),
+                        ("ort_int8_mae_only", variants["mae_only"])):
+            a = run_agent_bench(str(path), "onnxruntime", seconds=args.agent_seconds, threads=threads, outage=False,
+                                realtime=False)
+            res["agent"][k] = {"agent_fps": a["agent"]["fps"], "bare_fps": a["bare"]["fps"],
+                               "fraction_of_bare": a["agent"]["fraction_of_bare"],
+                               "peak_rss_mb": (a.get("process") or {}).get("peak_rss_mb"),
+                               "torch_loaded": (a.get("process") or {}).get("torch_loaded")}
+            log.info("agent %-18s %6.2f frames/s (bare engine %6.2f, %.2f)", k, a["agent"]["fps"],
+                     a["bare"]["fps"], a["agent"]["fraction_of_bare"])
     end = gemm_ceiling(min(args.seconds, 5.0), flags=ceiling["flags"])
     res["ceiling_end_best_fp32"] = end["best_fp32"]
     text = json.dumps(res, indent=2, default=str)

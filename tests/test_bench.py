@@ -77,3 +77,16 @@ def test_gemm_ceiling_measures_bf16_where_declared_native():
     c = gemm_ceiling(0.01, n=64, flags=["avx512_bf16"], engines=("torch",))
     bf16 = next(e for e in c["entries"] if e["dtype"] == "bf16")
     assert bf16["ops_per_s"] > 0 and c["best_fp32"]["engine"] == "torch"
+
+
+def test_bench_train_adds_a_bf16_row_only_where_the_cpu_has_native_bf16(monkeypatch):
+    """`mae-ad bench train` measures what train.precision=auto trains with: a bf16 row on a native-bf16 CPU."""
+    import io
+
+    import mae_ad.bench as B
+
+    for flags, expect in ((["avx2"], ["training"]), (["avx2", "avx512_bf16"], ["training", "train-bf16"])):
+        monkeypatch.setattr(B, "cpu_isa_flags", lambda f=flags: list(f))
+        res = B.run_bench("train", ["tiny-p8"], None, 0.01, stream=io.StringIO())
+        assert [r["what"] for r in res["rows"]] == expect
+        assert all(r["images_per_s"] > 0 and r["fraction_of_peak"] > 0 for r in res["rows"])
