@@ -87,8 +87,11 @@ def quantize(
     max_images: Annotated[int, typer.Option("--max-images", help="at most this many images per set")] = 256,
     keep_knn_fp32: Annotated[bool, typer.Option(
         "--keep-knn-fp32/--quantize-knn", help="leave the kNN distance MatMul in fp32")] = True,
-    ops: Annotated[str, typer.Option(help="op types made int8 (MatMul,Gemm: the transformer only, a CNN "
-                                          "backbone's Conv stays fp32)")] = "Conv,MatMul,Gemm",
+    ops: Annotated[str, typer.Option(help="op types made int8 (default MatMul,Gemm: the transformer only, a CNN "
+                                          "backbone's Conv stays fp32; add Conv to quantise it too)")] = "MatMul,Gemm",
+    weight_matmuls_only: Annotated[bool, typer.Option(
+        "--weight-matmuls-only/--all-matmuls", help="leave activation x activation MatMuls (attention) in fp32")
+    ] = True,
     verbose: Verbose = False,
 ) -> None:
     """INT8 post-training quantisation (ONNX Runtime, QDQ, calibrated on normal images), kept only if it reproduces
@@ -99,7 +102,7 @@ def quantize(
     try:
         rec = quantize_onnx(model, images, out, bundle=bundle, test=test, target=target, method=method,
                             per_channel=per_channel, min_agreement=min_agreement, max_images=max_images,
-                            keep_knn_fp32=keep_knn_fp32,
+                            keep_knn_fp32=keep_knn_fp32, weight_matmuls_only=weight_matmuls_only,
                             ops=tuple(o.strip() for o in ops.split(",") if o.strip()))
     except QuantizationRefused as e:
         typer.echo(f"refused: {e}", err=True)

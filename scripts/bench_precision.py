@@ -88,14 +88,18 @@ def main() -> None:
         t0 = time.perf_counter()
         export_onnx(args.bundle, f32)
         res["export_s"] = time.perf_counter() - t0
-    variants = {"onnxruntime": args.work / "model.int8.onnx", "tensorrt": args.work / "model.int8-trt.onnx",
-                "mae_only": args.work / "model.int8-mae.onnx"}  # MatMul/Gemm only: the backbone's convs stay fp32
+    # default: `mae-ad quantize` as shipped (weight MatMul/Gemm only); onnxruntime/tensorrt: every Conv and MatMul;
+    # mae_only: every MatMul/Gemm, attention products included (the backbone's convs stay fp32)
+    variants = {"default": args.work / "model.int8-w.onnx", "onnxruntime": args.work / "model.int8.onnx",
+                "tensorrt": args.work / "model.int8-trt.onnx", "mae_only": args.work / "model.int8-mae.onnx"}
     res["quantize"] = {}
     for target, path in variants.items():
         if not path.exists():
+            every = target != "default"
             rec = quantize_onnx(f32, args.data, path, bundle=args.bundle, test=args.data / "test",
                                 target="tensorrt" if target == "tensorrt" else "onnxruntime", min_agreement=0.0,
-                                ops=("MatMul", "Gemm") if target == "mae_only" else ("Conv", "MatMul", "Gemm"))
+                                ops=("Conv", "MatMul", "Gemm") if target in ("onnxruntime", "tensorrt")
+                                else ("MatMul", "Gemm"), weight_matmuls_only=not every)
         else:
             rec = read_sidecar(path, "ONNX", OnnxMeta).model_dump()
         res["quantize"][target] = rec["quantization"]
@@ -108,7 +112,8 @@ def main() -> None:
     def ort_session(path: Path) -> Any:
         return ort.InferenceSession(str(path), ort_session_options(ort, threads), providers=["CPUExecutionProvider"])
 
-    sessions = {"ort_fp32": ort_session(f32), "ort_int8": ort_session(variants["onnxruntime"]),
+    sessions = {"ort_fp32": ort_session(f32), "ort_int8_default": ort_session(variants["default"]),
+                "ort_int8": ort_session(variants["onnxruntime"]),
                 "ort_int8_mae_only": ort_session(variants["mae_only"]),
                 "ort_int8_trt_qdq": ort_session(variants["tensorrt"])}
 
@@ -163,8 +168,8 @@ def main() -> None:
         from app.agent_bench import run_agent_bench
 
         res["agent"] = {}
-        for k, path in (("ort_fp32", f32), ("ort_int8", variants["onnxruntime"]),
-                        ("ort_int8_mae_only", variants["mae_only"])):
+        for k, path in (("ort_fp32", f32), ("ort_int8_default", variants["default"]),
+                        ("ort_int8", variants["onnxruntime"])):
             a = run_agent_bench(str(path), "onnxruntime", seconds=args.agent_seconds, threads=threads, outage=False,
                                 realtime=False)
             res["agent"][k] = {"agent_fps": a["agent"]["fps"], "bare_fps": a["bare"]["fps"],

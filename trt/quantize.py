@@ -66,6 +66,9 @@ TARGETS = ("onnxruntime", "tensorrt")
 METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_MIN_AGREEMENT = 0.99
 QUANT_OPS = ("Conv", "MatMul", "Gemm")  # the ops that carry the FLOPs; everything else stays fp32 between Q/DQ
+# The default leaves Conv (a pretrained backbone) in fp32: int8 convolutions shifted the features enough to change
+# 13-33 % of the feature-space recipe's decisions and were no faster (BENCHMARKS.md, "Precision and engine").
+DEFAULT_OPS = ("MatMul", "Gemm")
 KNN_BANK_HINT = "knn_bank"  # initializer name of the feature-space memory bank (mae_ad.scoring.Scorer)
 
 
@@ -217,6 +220,28 @@ def knn_matmuls(model: Any) -> list[str]:
     return found
 
 
+def activation_matmuls(model: Any) -> list[str]:
+    """Names of the MatMul/Gemm nodes that multiply two activations (attention's Q.K^T and A.V): no operand is a
+    weight (an initializer or Constant, directly or through Transpose/Reshape/Identity/Cast). Quantising them adds a
+    QuantizeLinear per operand and per call for matrices of only tokens x head width; measured on the 320-px
+    recipe (BENCHMARKS.md), leaving them fp32 made the int8 graph faster (1.15x ORT fp32 instead of 0.83-0.96x)
+    and kept 238/239 decisions."""
+    graph = model.graph
+    weights = {i.name for i in graph.initializer}
+    weights |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def is_weight(name: str, depth: int = 0) -> bool:
+        if name in weights:
+            return True
+        node = producer.get(name)
+        return (node is not None and depth < 4 and node.op_type in ("Transpose", "Reshape", "Identity", "Cast")
+                and is_weight(node.input[0], depth + 1))
+
+    return [n.name for n in graph.node
+            if n.op_type in ("MatMul", "Gemm") and not any(is_weight(i) for i in n.input if i)]
+
+
 def _named(model: Any) -> Any:
     """Give every unnamed node a unique name (the quantiser's include/exclude lists are by node name)."""
     seen: set[str] = set()
@@ -276,7 +301,7 @@ def quantize_onnx(
     model: str | Path, images: str | Path, out: str | Path, *, bundle: str | Path | None = None,
     test: str | Path | None = None, target: str = "onnxruntime", method: str = "minmax", per_channel: bool = True,
     min_agreement: float = DEFAULT_MIN_AGREEMENT, max_images: int | None = 256, keep_knn_fp32: bool = True,
-    batch: int = 8, ops: tuple[str, ...] = QUANT_OPS,
+    batch: int = 8, ops: tuple[str, ...] = DEFAULT_OPS, weight_matmuls_only: bool = True,
 ) -> dict[str, Any]:
     """Quantise `model` (an fp32 scoring graph from `mae-ad export`) to int8 QDQ at `out` (+ `out.meta.json`).
 
@@ -317,6 +342,9 @@ def quantize_onnx(
     exclude = knn_matmuls(proto) if keep_knn_fp32 else []
     if exclude:
         log.info("kNN distance MatMul kept in fp32: %s", ", ".join(exclude))
+    act = [n for n in activation_matmuls(proto) if n not in exclude] if weight_matmuls_only else []
+    if act:
+        log.info("%d activation x activation MatMul(s) (attention) kept in fp32", len(act))
     tensorrt = target == "tensorrt"
     extra = {"ActivationSymmetric": tensorrt, "WeightSymmetric": True,
              "QuantizeBias": not tensorrt}  # TensorRT's DequantizeLinear takes no INT32 (biases stay fp32)
@@ -332,7 +360,7 @@ def quantize_onnx(
                     str(src), str(dst), _Reader(cal_set.paths, size, batch), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(ops), per_channel=per_channel,
                     activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, calibrate_method={"minmax": CalibrationMethod.MinMax,
+                    nodes_to_exclude=exclude + act, calibrate_method={"minmax": CalibrationMethod.MinMax,
                                                                 "percentile": CalibrationMethod.Percentile,
                                                                 "entropy": CalibrationMethod.Entropy}[method],
                     extra_options=extra,
@@ -363,7 +391,7 @@ def quantize_onnx(
                 "target": target, "method": method, "per_channel": per_channel,
                 "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
                 "weights": "int8 symmetric" + (" per channel" if per_channel else ""),
-                "ops": list(ops), "kept_fp32": exclude, "quantize_linear": n_q, "dequantize_linear": n_dq,
+                "ops": list(ops), "kept_fp32": exclude, "activation_matmuls_fp32": act, "quantize_linear": n_q, "dequantize_linear": n_dq,
                 "calibration_images": len(cal_set.paths), "calibration_source": cal_set.name,
                 "threshold": threshold, "min_agreement": min_agreement,
                 "agreement": {("calibration" if i == 0 else "test"): r.as_dict() for i, r in enumerate(results)},

@@ -202,7 +202,7 @@ def test_feature_space_keeps_knn_distance_fp32_and_calibrates_on_held_back(
     bank_sq = next(i for i in proto.graph.initializer if i.name.endswith("knn_bank_sq"))
     n_bank = bank_sq.dims[-1]
     rec = quantize_onnx(m, synthetic_data, tmp_path / "f.int8.onnx", bundle=feature_bundle, target="tensorrt",
-                        min_agreement=0.0)
+                        min_agreement=0.0, ops=("Conv", "MatMul", "Gemm"), weight_matmuls_only=False)
     q = rec["quantization"]
     assert q["calibration_images"] == len(read_calibration(feature_bundle)["holdout_images"]) == 4
     assert q["kept_fp32"] == knn
@@ -216,3 +216,27 @@ def test_feature_space_keeps_knn_distance_fp32_and_calibrates_on_held_back(
     inits = {i.name: i for i in g.initializer}
     assert any(i in inits and inits[i].dims[-1] == n_bank for n in dist for i in n.input)
     assert not [r.op for r in check_file(tmp_path / "f.int8.onnx") if r.status == "unsupported"]
+
+
+def test_default_int8_quantises_weight_matmuls_only(fp32_onnx, synthetic_data, tmp_path) -> None:
+    """The default: the transformer's weight MatMul/Gemm become int8; attention's activation x activation MatMuls
+    and the (patch-embedding) Conv stay fp32 between no Q/DQ pair, and the record lists what was left."""
+    from trt.quantize import activation_matmuls, quantize_onnx
+
+    proto = onnx.load(str(fp32_onnx))
+    act = activation_matmuls(proto)
+    n_matmul = sum(n.op_type in ("MatMul", "Gemm") for n in proto.graph.node)
+    assert 0 < len(act) < n_matmul  # attention products found, the linear layers are not among them
+    rec = quantize_onnx(fp32_onnx, synthetic_data / "train" / "good", tmp_path / "m.int8.onnx", min_agreement=0.0)
+    q = rec["quantization"]
+    assert q["ops"] == ["MatMul", "Gemm"] and len(q["activation_matmuls_fp32"]) == len(act)
+    g = onnx.load(str(tmp_path / "m.int8.onnx")).graph
+    producer = {o: n for n in g.node for o in n.output}
+
+    def dq_inputs(n) -> int:
+        return sum(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input)
+
+    mm = [n for n in g.node if n.op_type in ("MatMul", "Gemm")]
+    assert sum(dq_inputs(n) == 0 for n in mm) == len(act)  # the attention products: fp32 in, fp32 out
+    assert sum(dq_inputs(n) == 2 for n in mm) == n_matmul - len(act)  # every linear: int8 weight and input
+    assert all(dq_inputs(n) == 0 for n in g.node if n.op_type == "Conv")
