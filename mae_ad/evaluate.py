@@ -262,6 +262,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     scorer, _, meta = load_scorer(bundle, require_calibration=True)
     if engine is None:
         engine = _torch_engine(scorer, meta, cal, precision, data, batch_size)
+    log.info("scoring with %s", _engine_line(engine.info, markdown=False))
     if scorer.img_size != size:  # pragma: no cover - the same config file read twice
         raise UserError(f"{bundle / BUNDLE_CONFIG}: changed while evaluating")
     threshold = float(cal["threshold"])
@@ -496,7 +497,7 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _engine_line(e: dict[str, Any]) -> str:
+def _engine_line(e: dict[str, Any], markdown: bool = True) -> str:
     """'onnxruntime (fp32, /path/model.onnx)' or 'torch (bf16: 40/40 decisions agree ...)' for the report."""
     bits = [str(e.get("precision", "fp32"))]
     if e.get("precision_check"):
@@ -504,7 +505,7 @@ def _engine_line(e: dict[str, Any]) -> str:
     elif e.get("precision_reason"):
         bits[0] += f" ({e['precision_reason']})"
     if e.get("onnx"):
-        bits.append(f"`{e['onnx']}`")
+        bits.append(f"`{e['onnx']}`" if markdown else str(e["onnx"]))
     if e.get("threads"):
         bits.append(f"{e['threads']} threads")
     return f"{e.get('name', 'torch')} ({', '.join(bits)})"
@@ -683,7 +684,7 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
     scorer, cal, meta = load_scorer(bundle)
     if engine is None:
         engine = _torch_engine(scorer, meta, cal, precision, None, batch_size)
-    log.info("scoring with %s", _engine_line(engine.info))
+    log.info("scoring with %s", _engine_line(engine.info, markdown=False))
     threshold = float(cal["threshold"]) if cal is not None else None
     if threshold is None:
         log.warning("%s: bundle has no calibration; scores.csv will have no threshold or verdict", bundle)
