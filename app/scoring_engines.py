@@ -11,17 +11,25 @@ given graph of the same model (e.g. an int8 one from `mae-ad quantize`).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from mae_ad.contract import OnnxMeta, UserError, read_bundle_meta
 from mae_ad.evaluate import ENGINES, ScoringEngine
+from mae_ad.precision import ENV_VAR, PRECISIONS
 
 log = logging.getLogger(__name__)
 
 
-def _onnxruntime_engine(path: Path, threads: int | None, cached: bool) -> tuple[ScoringEngine, OnnxMeta]:
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def _onnxruntime_engine(path: Path, threads: int | None, source: str) -> tuple[ScoringEngine, OnnxMeta]:
     from trt.backends import open_backend
 
     backend = open_backend("onnxruntime", path, threads=threads)
@@ -33,7 +41,7 @@ def _onnxruntime_engine(path: Path, threads: int | None, cached: bool) -> tuple[
     meta = backend.meta
     if not isinstance(meta, OnnxMeta):  # pragma: no cover - the onnxruntime backend reads an OnnxMeta
         raise UserError(f"{path}: not an ONNX scoring graph")
-    info = {"name": "onnxruntime", "onnx": str(path), "precision": meta.precision, "cached_export": cached,
+    info = {"name": "onnxruntime", "onnx": str(path), "precision": meta.precision, "graph": source,
             "threads": threads or "onnxruntime default"}
     return ScoringEngine("onnxruntime", run, info), meta
 
@@ -58,22 +66,37 @@ def open_scoring_engine(bundle: Path, engine: str = "auto", onnx: Path | None = 
     model or input size, or bf16 asked of ONNX Runtime."""
     if engine not in ENGINES:
         raise UserError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    # the torch precision, from --precision or $MAE_AD_PRECISION: checked whatever the engine, and bf16 (from
+    # either) means the torch engine, the only one that has it
+    setting = precision or os.environ.get(ENV_VAR) or "auto"
+    source = "--precision" if precision else f"${ENV_VAR}"
+    if setting not in PRECISIONS:
+        raise UserError(f"{source} {setting!r}: choose one of {', '.join(PRECISIONS)}")
+    precision = setting if setting == "bf16" else precision
     if onnx is not None:
         if engine == "torch":
             raise UserError(f"--onnx {onnx}: an ONNX graph runs on --engine onnxruntime (or auto), not torch")
         engine = "onnxruntime"
     if precision == "bf16":
         if engine == "onnxruntime":
-            raise UserError("--precision bf16 is a torch precision; ONNX Runtime scores the graph as exported "
+            raise UserError(f"{source} bf16 is a torch precision; ONNX Runtime scores the graph as exported "
                             "(use --engine torch, or an int8 graph from `mae-ad quantize` with --onnx)")
+        if engine == "auto":
+            log.info("%s bf16: scoring with the torch engine (ONNX Runtime scores in the graph's own precision)",
+                     source)
         engine = "torch"
     if engine == "torch":
+        if threads is not None:
+            log.warning("--threads %d applies to ONNX Runtime; the torch engine uses torch's %d threads "
+                        "(set OMP_NUM_THREADS to change them)", threads, _torch_threads())
         return None
     if onnx is not None:
+        if onnx.is_dir():
+            raise UserError(f"--onnx {onnx}: is a folder; give the .onnx file")
         if not onnx.is_file():
             raise UserError(f"--onnx {onnx}: file not found")
         bmeta = read_bundle_meta(bundle)
-        eng, meta = _onnxruntime_engine(onnx, threads, cached=False)
+        eng, meta = _onnxruntime_engine(onnx, threads, "--onnx")
         if meta.model_id != bmeta.model_id:
             raise UserError(f"--onnx {onnx}: a graph of model {meta.model_id!r}, not of {bundle} ({bmeta.model_id!r})")
         if meta.input.size != bmeta.input.size:
@@ -86,13 +109,13 @@ def open_scoring_engine(bundle: Path, engine: str = "auto", onnx: Path | None = 
             raise UserError("--engine onnxruntime: onnxruntime is not installed (pip install onnxruntime)") from None
         log.info("engine auto: onnxruntime is not installed; scoring with the bundle's torch model")
         return None
-    from trt.onnx_cache import cached_onnx
+    from trt.onnx_cache import cached_onnx_entry
 
     try:
-        path = cached_onnx(bundle)
+        path, exported = cached_onnx_entry(bundle)
     except UserError as e:
         if engine == "onnxruntime":
             raise
         log.warning("engine auto: no ONNX export of %s (%s); scoring with the bundle's torch model", bundle, e)
         return None
-    return _onnxruntime_engine(path, threads, cached=True)[0]
+    return _onnxruntime_engine(path, threads, "exported now into the cache" if exported else "the cache")[0]

@@ -318,6 +318,18 @@ def _umask() -> int:
     return mask
 
 
+def check_creatable(out: str | os.PathLike[str], option: str = "--out") -> None:
+    """UserError when `out` cannot be created because an existing ancestor of it is a file, or a folder this
+    process cannot write (checked before any work, so nothing is scored or computed first)."""
+    p = Path(out).absolute().parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"{option} {out}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out}: cannot create it under {p} (permission denied)")
+
+
 @contextmanager
 def staged_dir(out: str | os.PathLike[str], what: str = "bundle") -> Iterator[Path]:
     """Yield a temporary directory next to `out`; on success rename it to `out`, so a crash never leaves half an

@@ -26,6 +26,7 @@ from .contract import (
     BUNDLE_CONFIG,
     Placement,
     UserError,
+    check_creatable,
     crop_valid,
     map_to_source,
     mask_fill,
@@ -100,6 +101,7 @@ def _score_all(engine: ScoringEngine, images: np.ndarray, batch_size: int) -> tu
 
 def refuse_existing_out(out: Path, what: str) -> None:
     """Fail before any work if `out` cannot be created (bundle.staged_dir checks again when writing)."""
+    check_creatable(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the {what} "
                         "(choose another --out)")

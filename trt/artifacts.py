@@ -23,6 +23,7 @@ from mae_ad.contract import (
     M,
     OnnxMeta,
     UserError,
+    check_creatable,
     parse_meta,
     read_meta,
     sha256_file,
@@ -81,6 +82,9 @@ def bundle_sha256(bundle: str | os.PathLike[str]) -> str:
 
 
 def refuse_existing(*paths: Path, what: str) -> None:
+    """UserError when any of `paths` exists, or when the first cannot be created (an ancestor is a file)."""
+    if paths:
+        check_creatable(paths[0])
     for p in paths:
         if p.exists():
             raise UserError(f"{p}: already exists; refusing to overwrite the {what} (choose another --out)")

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mae_ad.contract import OnnxMeta, UserError
+from mae_ad.contract import OnnxMeta, UserError, read_bundle_meta, sha256_file
 
 from .artifacts import bundle_sha256, read_sidecar, sidecar_path
 
@@ -33,14 +33,17 @@ def cache_root() -> Path:
     return Path(base) / "mae-ad"
 
 
-def _valid_entry(path: Path, sha: str) -> bool:
+def _valid_entry(path: Path, sha: str, model_id: str) -> bool:
+    """The entry is this bundle's export, whole: its sidecar names the bundle's hash and model, and the graph's
+    bytes still hash to what the export recorded (a truncated or replaced file is exported again)."""
     if not (path.is_file() and sidecar_path(path).is_file()):
         return False
     try:
         meta = read_sidecar(path, "ONNX", OnnxMeta)
     except UserError:
         return False
-    return meta.parent is not None and meta.parent.bundle_sha256 == sha
+    return (meta.parent is not None and meta.parent.bundle_sha256 == sha and meta.model_id == model_id
+            and meta.onnx_sha256 is not None and sha256_file(path) == meta.onnx_sha256)
 
 
 def cached_onnx(bundle: str | os.PathLike[str], root: Path | None = None) -> Path:
@@ -48,15 +51,21 @@ def cached_onnx(bundle: str | os.PathLike[str], root: Path | None = None) -> Pat
 
     Returns the .onnx path. Raises UserError when the bundle cannot be exported (the export's own errors) or the
     cache folder cannot be written (naming it and $MAE_AD_CACHE)."""
+    return cached_onnx_entry(bundle, root)[0]
+
+
+def cached_onnx_entry(bundle: str | os.PathLike[str], root: Path | None = None) -> tuple[Path, bool]:
+    """`cached_onnx`, and whether the export was made now (False: found in the cache)."""
     from .export import export_onnx
 
     bundle = Path(bundle)
     sha = bundle_sha256(bundle)
+    model_id = read_bundle_meta(bundle).model_id
     folder = (root or cache_root()) / "onnx" / sha[:20]
     path = folder / "model.onnx"
-    if _valid_entry(path, sha):
+    if _valid_entry(path, sha, model_id):
         log.info("ONNX export of %s from the cache: %s", bundle, path)
-        return path
+        return path, False
     try:
         if folder.exists():  # an entry from an interrupted or foreign writer: start it again
             shutil.rmtree(folder)
@@ -68,7 +77,7 @@ def cached_onnx(bundle: str | os.PathLike[str], root: Path | None = None) -> Pat
     try:
         export_onnx(bundle, path)
     except UserError:
-        if _valid_entry(path, sha):  # another process exported it at the same moment
-            return path
+        if _valid_entry(path, sha, model_id):  # another process exported it at the same moment
+            return path, False
         raise
-    return path
+    return path, True

@@ -44,6 +44,7 @@ from mae_ad.contract import (
     OnnxMeta,
     UserError,
     dump_meta,
+    read_bundle_meta,
     read_calibration,
     sha256_file,
     write_json_atomic,
@@ -333,6 +334,11 @@ def quantize_onnx(
         raise UserError(f"{model}: ONNX file not found")
     meta = onnx_meta(model)
     size, threshold = meta.input.size, float(meta.threshold or 0.0)
+    if bundle is not None:
+        bid = read_bundle_meta(bundle).model_id
+        if bid != meta.model_id:
+            raise UserError(f"--bundle {bundle}: model {bid!r}, but {model} is a graph of {meta.model_id!r}; its "
+                            "held-back images are only known for its own bundle")
     cal_set = calibration_images(images, Path(bundle) if bundle is not None else None, max_images)
     sets = [cal_set] + ([test_images(Path(test), max_images)] if test is not None else [])
     log.info("calibrating int8 (%s, %s, %s) on %d normal images", target, method,
@@ -407,11 +413,15 @@ def quantize_onnx(
                         "nothing written, keep %s (fp32)", agree_all, n_all, 100 * pooled, 100 * min_agreement, model)
             raise QuantizationRefused(f"{model}: int8 decisions agree on {pooled:.2%} of the {n_all} images checked "
                                       f"(< {min_agreement:.2%}); keep the fp32 model")
-        if tensorrt:
-            from .opcheck import check_graph
+        # the fp32 export's own measurements describe another graph: drop them; the op check is this graph's
+        for stale in ("verify", "export_seconds"):
+            record.pop(stale, None)
+        from .opcheck import check_graph
 
-            bad = [r.op for r in check_graph(q8) if r.status == "unsupported"]
-            record["tensorrt_check"] = {"unsupported": bad}
+        report = check_graph(q8)
+        bad = [r.op for r in report if r.status == "unsupported"]
+        record["tensorrt_check"] = {"unsupported": bad, "warnings": [r.op for r in report if r.status == "warn"]}
+        if tensorrt:
             if bad:
                 raise UserError(f"{model}: the int8 graph holds ops TensorRT 10 does not take ({', '.join(bad)}); "
                                 "see `mae-ad check-trt`")

@@ -127,7 +127,7 @@ def test_refused_when_decisions_disagree_writes_nothing(fp32_onnx, synthetic_dat
     (["--images", "{empty}"], "no images"),
     (["--images", "{good}", "--min-agreement", "1.5"], "--min-agreement 1.5"),
     (["--images", "{good}", "--target", "gpu"], "--target 'gpu'"),
-    (["--images", "{good}", "--bundle", "{empty}"], "calibration"),
+    (["--images", "{good}", "--bundle", "{empty}"], "not a model bundle"),
     (["--images", "{good}", "--ops", "Conv,Relu"], "--ops Conv,Relu"),
 ])
 def test_bad_input_is_one_error_line_and_writes_nothing(fp32_onnx, synthetic_data, tmp_path, args, message) -> None:
@@ -240,3 +240,30 @@ def test_default_int8_quantises_weight_matmuls_only(fp32_onnx, synthetic_data, t
     assert sum(dq_inputs(n) == 0 for n in mm) == len(act)  # the attention products: fp32 in, fp32 out
     assert sum(dq_inputs(n) == 2 for n in mm) == n_matmul - len(act)  # every linear: int8 weight and input
     assert all(dq_inputs(n) == 0 for n in g.node if n.op_type == "Conv")
+
+
+def test_int8_record_is_the_int8_graphs_own(fp32_onnx, synthetic_data, tmp_path) -> None:
+    """The sidecar keeps no measurement of the fp32 export (its parity check, its export time) and carries the op
+    check of the int8 graph itself: ONNX Runtime's U8 zero points are outside what TensorRT takes."""
+    from trt.opcheck import check_file
+    from trt.quantize import quantize_onnx
+
+    out = tmp_path / "m.int8.onnx"
+    quantize_onnx(fp32_onnx, synthetic_data / "train" / "good", out, min_agreement=0.0)
+    side = json.loads((tmp_path / "m.int8.onnx.meta.json").read_text())
+    assert "verify" not in side and "export_seconds" not in side
+    assert side["tensorrt_check"]["unsupported"] == sorted({r.op for r in check_file(out) if r.status == "unsupported"})
+    assert side["tensorrt_check"]["unsupported"]  # uint8 Q/DQ: the tensorrt target is the one for TensorRT
+
+
+def test_quantize_refuses_a_bundle_of_another_model(fp32_onnx, synthetic_data, tmp_path) -> None:
+    from mae_ad.contract import UserError
+    from tests.conftest import tiny_overrides
+    from trt.quantize import quantize_onnx
+
+    from .conftest import make_bundle
+
+    other = make_bundle(tmp_path / "other", tiny_overrides(), seed=5)
+    with pytest.raises(UserError, match="is a graph of"):
+        quantize_onnx(fp32_onnx, synthetic_data, tmp_path / "m.int8.onnx", bundle=other)
+    assert not (tmp_path / "m.int8.onnx").exists()

@@ -39,7 +39,7 @@ def test_auto_scores_with_onnxruntime_from_a_cache_and_matches_torch(eval_bundle
 
     monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
     eng = open_scoring_engine(eval_bundle, "auto")
-    assert eng is not None and eng.name == "onnxruntime" and eng.info["cached_export"]
+    assert eng is not None and eng.name == "onnxruntime" and eng.info["graph"] == "exported now into the cache"
     path = Path(eng.info["onnx"])
     assert path.is_file() and path.is_relative_to(tmp_path / "cache")
     images = synthetic_images(5, 32, seed=7, defects=True)
@@ -53,6 +53,7 @@ def test_auto_scores_with_onnxruntime_from_a_cache_and_matches_torch(eval_bundle
     with caplog.at_level(logging.INFO, logger="trt.onnx_cache"):
         again = open_scoring_engine(eval_bundle, "auto")
     assert again is not None and Path(again.info["onnx"]) == path and path.stat().st_mtime_ns == stamp
+    assert again.info["graph"] == "the cache"
     assert "from the cache" in caplog.text
 
 
@@ -103,7 +104,7 @@ def test_an_onnx_graph_of_another_model_is_refused(eval_bundle, tmp_path):
     onnx = export_onnx(other, tmp_path / "other.onnx")
     with pytest.raises(UserError, match="a graph of model"):
         open_scoring_engine(eval_bundle, "auto", onnx=onnx)
-    assert open_scoring_engine(other, "auto", onnx=onnx).info["cached_export"] is False
+    assert open_scoring_engine(other, "auto", onnx=onnx).info["graph"] == "--onnx"
 
 
 def test_auto_without_onnxruntime_falls_back_to_torch(eval_bundle, monkeypatch, caplog):
@@ -153,3 +154,54 @@ def test_forced_bf16_without_held_back_images_scores_in_fp32(eval_bundle, synthe
     idx = index_dataset(synthetic_data)
     imgs = load_stack([s.path for s in idx.test[:3]], 32)
     assert eng.run(imgs)[1].shape == (3,)
+
+
+def test_precision_is_checked_whatever_the_engine(eval_bundle, monkeypatch):
+    """--precision and $MAE_AD_PRECISION are validated even when ONNX Runtime scores, and bf16 from either means
+    the torch engine (under auto) or an error (under onnxruntime)."""
+    from app.scoring_engines import open_scoring_engine
+
+    monkeypatch.delenv("MAE_AD_PRECISION", raising=False)
+    with pytest.raises(UserError, match="--precision 'fp16'"):
+        open_scoring_engine(eval_bundle, "auto", precision="fp16")
+    monkeypatch.setenv("MAE_AD_PRECISION", "fp16")
+    with pytest.raises(UserError, match=r"\$MAE_AD_PRECISION 'fp16'"):
+        open_scoring_engine(eval_bundle, "onnxruntime")
+    monkeypatch.setenv("MAE_AD_PRECISION", "bf16")
+    assert open_scoring_engine(eval_bundle, "auto") is None
+    with pytest.raises(UserError, match=r"\$MAE_AD_PRECISION bf16 is a torch precision"):
+        open_scoring_engine(eval_bundle, "onnxruntime")
+    monkeypatch.setenv("MAE_AD_PRECISION", "fp32")
+    assert open_scoring_engine(eval_bundle, "auto").name == "onnxruntime"
+
+
+def test_an_out_under_a_file_is_refused_before_any_work(eval_bundle, tmp_path):
+    from app.scoring_engines import precheck_scoring
+    from trt.export import export_onnx
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(UserError, match=f"{afile} is a file"):
+        precheck_scoring(eval_bundle, afile / "report", "evaluation report")
+    with pytest.raises(UserError, match=f"{afile} is a file"):
+        export_onnx(eval_bundle, afile / "sub" / "m.onnx")
+    assert afile.read_text() == "not a folder"
+
+
+def test_a_damaged_or_foreign_cache_entry_is_exported_again(eval_bundle, tmp_path, monkeypatch):
+    from trt.onnx_cache import cached_onnx_entry
+
+    monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
+    from mae_ad.contract import OnnxMeta, sha256_file
+    from trt.artifacts import read_sidecar
+
+    def whole() -> bool:  # the graph is the one its sidecar describes
+        return sha256_file(path) == read_sidecar(path, "ONNX", OnnxMeta).onnx_sha256
+
+    path, made = cached_onnx_entry(eval_bundle)
+    size = path.stat().st_size
+    assert made and whole() and cached_onnx_entry(eval_bundle) == (path, False)
+    path.write_bytes(path.read_bytes()[: size // 2])  # truncated (a full disk, a killed copy)
+    assert cached_onnx_entry(eval_bundle) == (path, True) and whole() and path.stat().st_size == size
+    path.write_bytes(b"another graph")  # replaced by something else behind the sidecar's back
+    assert cached_onnx_entry(eval_bundle) == (path, True) and whole() and path.stat().st_size == size
