@@ -147,7 +147,7 @@ def predict(
 
     from .scoring_engines import open_scoring_engine, precheck_scoring
 
-    precheck_scoring(bundle, out, "predictions")
+    precheck_scoring(bundle, out, "predictions", images=images)
     eng = open_scoring_engine(bundle, engine, onnx, precision, threads)
     run_predict(bundle, images, out, engine=eng, precision=precision)
 

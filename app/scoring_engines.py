@@ -46,16 +46,20 @@ def _onnxruntime_engine(path: Path, threads: int | None, source: str) -> tuple[S
     return ScoringEngine("onnxruntime", run, info), meta
 
 
-def precheck_scoring(bundle: Path, out: Path, what: str, data: Path | None = None) -> None:
+def precheck_scoring(bundle: Path, out: Path, what: str, data: Path | None = None,
+                     images: list[Path] | None = None) -> None:
     """The checks that need no model, before an export may take seconds: `out` must not exist, `bundle` must be a
-    readable bundle, `data` (evaluate) a dataset with test images. UserError naming the path otherwise."""
+    readable bundle, `data` (evaluate) a dataset with test images, `images` (predict) existing image files or
+    folders. UserError naming the path otherwise."""
     from mae_ad.data import index_dataset
-    from mae_ad.evaluate import refuse_existing_out
+    from mae_ad.evaluate import collect_images, refuse_existing_out
 
     refuse_existing_out(out, what)
     read_bundle_meta(bundle)
     if data is not None:
         index_dataset(data, need_test=True)
+    if images is not None:
+        collect_images(list(images))
 
 
 def open_scoring_engine(bundle: Path, engine: str = "auto", onnx: Path | None = None, precision: str | None = None,

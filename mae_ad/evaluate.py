@@ -601,7 +601,7 @@ def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
 
 
 # --- predict -----------------------------------------------------------------------------------------------------
-def _collect_images(inputs: list[Path]) -> list[Path]:
+def collect_images(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     seen: set[Path] = set()
     for p in inputs:
@@ -674,10 +674,11 @@ def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> No
 def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | os.PathLike[str],
                 batch_size: int = 8, engine: ScoringEngine | None = None, precision: str | None = None) -> Path:
     """Score image files (or every image in given folders): write <stem>_map.png, <stem>_overlay.jpg and
-    scores.csv into the new directory `out`. Returns `out`. `engine`/`precision`: as in `run_evaluation`."""
+    scores.csv into the new directory `out`, with run.json recording the bundle, threshold and engine. Returns
+    `out`. `engine`/`precision`: as in `run_evaluation`."""
     out = Path(out)
     refuse_existing_out(out, "predictions")
-    files = _collect_images(list(images))
+    files = collect_images(list(images))
     read_bundle_meta(bundle)
 
     from .bundle import load_scorer, staged_dir
@@ -723,6 +724,9 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
             w = csv.writer(f)
             w.writerow(["path", "score", "threshold", "anomalous", "map", "overlay"])
             w.writerows(rows)
+        write_json_atomic(d / "run.json", {  # what made these scores: folders of two engines can be told apart
+            "bundle": str(bundle), "model_id": meta.model_id, "threshold": threshold, "images": len(rows),
+            "engine": engine.info, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     log.info("%d prediction(s) written to %s", len(rows), out)
     return out
 

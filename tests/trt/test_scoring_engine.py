@@ -144,6 +144,10 @@ def test_forced_bf16_without_held_back_images_scores_in_fp32(eval_bundle, synthe
 
     out = run_predict(eval_bundle, [synthetic_data / "test" / "good"], tmp_path / "pred", precision="bf16")
     assert (out / "scores.csv").is_file()
+    import json
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["engine"]["name"] == "torch" and run["engine"]["precision"] == "fp32" and run["images"] == 4
     from mae_ad.bundle import load_scorer
     from mae_ad.evaluate import _torch_engine
 
