@@ -215,9 +215,17 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
     maps_t, scores_t = base.score(torch.from_numpy(images))
     maps = maps_t[:, 0].numpy()
     scores = valid_scores(maps_t, places, scorer.scoring) if resize != "squash" else scores_t.double().numpy()
-    out: dict[str, Any] = {"method": method, "n_train_images": len(train), "threshold": threshold}
+    out: dict[str, Any] = {"method": method, "n_train_images": len(train),
+                           "threshold": threshold if hold else None}
     im = M.image_metrics(labels, scores, threshold)
     out.update({k: _finite(im[k]) for k in ("image_auroc", "f1")})
+    if not hold:  # another dataset than the bundle's: its held-back images are not here, so no baseline threshold
+        log.warning("baseline: none of the bundle's %d held-back images is in %s (another dataset than the one it "
+                    "was trained on?): the baseline is fitted on all %d normal training images and has no "
+                    "threshold, so no F1", len(held), index.root, len(train))
+        out["f1"] = None
+        out["note"] = ("the bundle's held-back images are not in this dataset: fitted on all its normal training "
+                       "images, no threshold, no F1")
     pm, pa = _eval_pairs(maps, masks, full, places)
     out.update(_pixel_metrics(_pick(pm, has_mask), _pick(pa, has_mask), {}, "baseline"))
     out["per_defect_image_auroc"] = {
@@ -546,7 +554,8 @@ def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
     if b:
         L += ["## Beside it: the training-free baseline", "",
               f"{b['method']}, fitted on the same {b['n_train_images']} training images and thresholded on the same "
-              "held-back images, so the difference is what the model adds.", "",
+              "held-back images, so the difference is what the model adds." if not b.get("note") else
+              f"{b['method']}, fitted on {b['n_train_images']} images; {b['note']}.", "",
               "| | image AUROC | pixel AUROC | AUPRO | F1 |", "|---|---|---|---|---|",
               f"| this model | {_fmt(r['image_auroc'])} | {_fmt(r['pixel_auroc'])} | {_fmt(r['aupro'])} | "
               f"{_fmt(r['f1'])} |",

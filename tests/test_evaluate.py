@@ -249,3 +249,14 @@ def test_predict_without_calibration_leaves_verdict_empty(synthetic_data, tmp_pa
     assert len(rows) == 3 and all(r["threshold"] == "" and r["anomalous"] == "" for r in rows)
     top = max(rows, key=lambda r: float(r["score"]))  # the run's largest value is white
     assert cv2.imread(str(out / top["map"]), cv2.IMREAD_UNCHANGED).max() == 255
+
+
+def test_baseline_on_a_dataset_without_the_bundles_held_back_images_has_no_threshold(evaluated, caplog):
+    """The bundle (made here, not trained on this dataset) lists no held-back image found in it: the baseline row
+    has no threshold and no F1, says why, and its AUROC figures are still there."""
+    out, metrics = evaluated
+    b = metrics["baseline"]
+    assert b["threshold"] is None and b["f1"] is None and "held-back" in b["note"]
+    assert 0.0 <= b["image_auroc"] <= 1.0
+    assert "no threshold, no F1" in (out / "report.md").read_text()
+    assert json.loads((out / "metrics.json").read_text())["baseline"]["threshold"] is None
