@@ -120,12 +120,11 @@ def evaluate(
     setup_logging(verbose)
     from mae_ad.evaluate import run_evaluation
 
-    from .scoring_engines import open_scoring_engine, precheck_scoring
+    from .scoring_engines import open_scoring_engine
 
-    precheck_scoring(bundle, out, "evaluation report", data)
-    eng = open_scoring_engine(bundle, engine, onnx, precision, threads)
     metrics = run_evaluation(bundle, data, out, batch_size=batch_size, baseline=baseline, eval_size=eval_size,
-                             engine=eng, precision=precision)
+                             open_engine=lambda: open_scoring_engine(bundle, engine, onnx, precision, threads),
+                             precision=precision)
     typer.echo(" ".join(f"{k}={metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "aupro", "f1")
                         if isinstance(metrics.get(k), float)))
 
@@ -145,11 +144,10 @@ def predict(
     setup_logging(verbose)
     from mae_ad.evaluate import run_predict
 
-    from .scoring_engines import open_scoring_engine, precheck_scoring
+    from .scoring_engines import open_scoring_engine
 
-    precheck_scoring(bundle, out, "predictions", images=images)
-    eng = open_scoring_engine(bundle, engine, onnx, precision, threads)
-    run_predict(bundle, images, out, engine=eng, precision=precision)
+    run_predict(bundle, images, out, precision=precision,
+                open_engine=lambda: open_scoring_engine(bundle, engine, onnx, precision, threads))
 
 
 @app.command("prepare-data")

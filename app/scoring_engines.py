@@ -46,22 +46,6 @@ def _onnxruntime_engine(path: Path, threads: int | None, source: str) -> tuple[S
     return ScoringEngine("onnxruntime", run, info), meta
 
 
-def precheck_scoring(bundle: Path, out: Path, what: str, data: Path | None = None,
-                     images: list[Path] | None = None) -> None:
-    """The checks that need no model, before an export may take seconds: `out` must not exist, `bundle` must be a
-    readable bundle, `data` (evaluate) a dataset with test images, `images` (predict) existing image files or
-    folders. UserError naming the path otherwise."""
-    from mae_ad.data import index_dataset
-    from mae_ad.evaluate import collect_images, refuse_existing_out
-
-    refuse_existing_out(out, what)
-    read_bundle_meta(bundle)
-    if data is not None:
-        index_dataset(data, need_test=True)
-    if images is not None:
-        collect_images(list(images))
-
-
 def open_scoring_engine(bundle: Path, engine: str = "auto", onnx: Path | None = None, precision: str | None = None,
                         threads: int | None = None) -> ScoringEngine | None:
     """The engine for `bundle`: a ScoringEngine, or None for the bundle's own torch scorer (at `precision`).
@@ -76,12 +60,11 @@ def open_scoring_engine(bundle: Path, engine: str = "auto", onnx: Path | None = 
     source = "--precision" if precision else f"${ENV_VAR}"
     if setting not in PRECISIONS:
         raise UserError(f"{source} {setting!r}: choose one of {', '.join(PRECISIONS)}")
-    precision = setting if setting == "bf16" else precision
     if onnx is not None:
         if engine == "torch":
             raise UserError(f"--onnx {onnx}: an ONNX graph runs on --engine onnxruntime (or auto), not torch")
         engine = "onnxruntime"
-    if precision == "bf16":
+    if setting == "bf16":
         if engine == "onnxruntime":
             raise UserError(f"{source} bf16 is a torch precision; ONNX Runtime scores the graph as exported "
                             "(use --engine torch, or an int8 graph from `mae-ad quantize` with --onnx)")
@@ -113,10 +96,10 @@ def open_scoring_engine(bundle: Path, engine: str = "auto", onnx: Path | None = 
             raise UserError("--engine onnxruntime: onnxruntime is not installed (pip install onnxruntime)") from None
         log.info("engine auto: onnxruntime is not installed; scoring with the bundle's torch model")
         return None
-    from trt.onnx_cache import cached_onnx_entry
+    from trt.onnx_cache import cached_onnx
 
     try:
-        path, exported = cached_onnx_entry(bundle)
+        path, exported = cached_onnx(bundle)
     except UserError as e:
         if engine == "onnxruntime":
             raise

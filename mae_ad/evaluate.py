@@ -65,6 +65,9 @@ class ScoringEngine:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+EngineOpener = Callable[[], "ScoringEngine | None"]  # opens the engine (app.scoring_engines); None: torch
+
+
 def _torch_engine(scorer: Any, meta: Any, cal: dict[str, Any] | None, precision: str | None,
                   data: Path | None, batch_size: int) -> ScoringEngine:
     """The bundle's torch scorer at the precision `mae_ad.precision.prepare_precision` picks and checks (bf16 only
@@ -237,15 +240,16 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
 
 def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str], out: str | os.PathLike[str],
                    batch_size: int = 8, baseline: bool = True, eval_size: str = "original",
-                   engine: ScoringEngine | None = None, precision: str | None = None) -> dict[str, Any]:
+                   open_engine: EngineOpener | None = None, precision: str | None = None) -> dict[str, Any]:
     """Score the test images of `data` with the bundle's calibrated scorer; write metrics.json, scores.csv,
     report.md and plots/ into the new directory `out`. Returns the metrics dict. With `baseline`, the
     training-free baseline is computed on the same split and reported beside (`_baseline_beside`).
     `eval_size`: 'original' compares each map, upsampled to its image's own size, with the full-resolution mask
     (as MVTec AD does); 'model' compares them at the model's input size (masks resized nearest-neighbour).
     Under data.resize=letterbox maps are cropped to the image's valid region first, and image scores are taken
-    over that region only. `engine`: what scores the test images (None: the bundle's torch scorer at `precision`,
-    see `_torch_engine`); plots, reconstructions and the baseline always use the torch model."""
+    over that region only. `open_engine()`: what scores the test images, called once every check that needs no
+    model has passed (None, or it returning None: the bundle's torch scorer at `precision`, see `_torch_engine`);
+    plots, reconstructions and the baseline always use the torch model."""
     bundle, data, out = Path(bundle), Path(data), Path(out)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -270,8 +274,8 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     from .scoring import valid_scores
 
     scorer, _, meta = load_scorer(bundle, require_calibration=True)
-    if engine is None:
-        engine = _torch_engine(scorer, meta, cal, precision, data, batch_size)
+    engine = (open_engine() if open_engine else None) or _torch_engine(scorer, meta, cal, precision, data,
+                                                                         batch_size)
     log.info("scoring with %s", _engine_line(engine.info, markdown=False))
     if scorer.img_size != size:  # pragma: no cover - the same config file read twice
         raise UserError(f"{bundle / BUNDLE_CONFIG}: changed while evaluating")
@@ -681,10 +685,10 @@ def _imwrite(path: Path, img: np.ndarray, params: list[int] | None = None) -> No
 
 
 def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | os.PathLike[str],
-                batch_size: int = 8, engine: ScoringEngine | None = None, precision: str | None = None) -> Path:
+                batch_size: int = 8, open_engine: EngineOpener | None = None, precision: str | None = None) -> Path:
     """Score image files (or every image in given folders): write <stem>_map.png, <stem>_overlay.jpg and
     scores.csv into the new directory `out`, with run.json recording the bundle, threshold and engine. Returns
-    `out`. `engine`/`precision`: as in `run_evaluation`."""
+    `out`. `open_engine`/`precision`: as in `run_evaluation`."""
     out = Path(out)
     refuse_existing_out(out, "predictions")
     files = collect_images(list(images))
@@ -694,8 +698,8 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
     from .scoring import valid_scores
 
     scorer, cal, meta = load_scorer(bundle)
-    if engine is None:
-        engine = _torch_engine(scorer, meta, cal, precision, None, batch_size)
+    engine = (open_engine() if open_engine else None) or _torch_engine(scorer, meta, cal, precision, None,
+                                                                         batch_size)
     log.info("scoring with %s", _engine_line(engine.info, markdown=False))
     threshold = float(cal["threshold"]) if cal is not None else None
     if threshold is None:

@@ -278,11 +278,10 @@ def export_onnx(
         if bad:
             raise UserError(f"{bundle}: the exported graph holds forbidden ops ({', '.join(bad)}); "
                             "the scoring graph must be free of random and data-dependent ops")
-        from .opcheck import check_graph
+        from .opcheck import check_summary
 
-        report = check_graph(proto)
-        unsupported = [r.op for r in report if r.status == "unsupported"]
-        meta.tensorrt_check = {"unsupported": unsupported, "warnings": [r.op for r in report if r.status == "warn"]}
+        meta.tensorrt_check = check_summary(proto)
+        unsupported = meta.tensorrt_check["unsupported"]
         if unsupported:
             log.warning("ops outside TensorRT's ONNX support: %s (see `mae-ad check-trt`)", ", ".join(unsupported))
         if verify:

@@ -46,16 +46,11 @@ def _valid_entry(path: Path, sha: str, model_id: str) -> bool:
             and meta.onnx_sha256 is not None and sha256_file(path) == meta.onnx_sha256)
 
 
-def cached_onnx(bundle: str | os.PathLike[str], root: Path | None = None) -> Path:
+def cached_onnx(bundle: str | os.PathLike[str], root: Path | None = None) -> tuple[Path, bool]:
     """The fp32 ONNX export of `bundle` from the cache, exported now (`export_onnx`, verified) when missing.
 
-    Returns the .onnx path. Raises UserError when the bundle cannot be exported (the export's own errors) or the
-    cache folder cannot be written (naming it and $MAE_AD_CACHE)."""
-    return cached_onnx_entry(bundle, root)[0]
-
-
-def cached_onnx_entry(bundle: str | os.PathLike[str], root: Path | None = None) -> tuple[Path, bool]:
-    """`cached_onnx`, and whether the export was made now (False: found in the cache)."""
+    Returns (the .onnx path, whether it was exported now). Raises UserError when the bundle cannot be exported (the
+    export's own errors) or the cache folder cannot be written (naming it and $MAE_AD_CACHE)."""
     from .export import export_onnx
 
     bundle = Path(bundle)

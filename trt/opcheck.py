@@ -259,6 +259,13 @@ def check_graph(model: Any) -> list[OpReport]:
     return rows
 
 
+def check_summary(model: Any) -> dict[str, list[str]]:
+    """`check_graph` as the `tensorrt_check` record of an ONNX sidecar: {"unsupported": [op, ...], "warnings": [...]}."""
+    report = check_graph(model)
+    return {"unsupported": [r.op for r in report if r.status == "unsupported"],
+            "warnings": [r.op for r in report if r.status == "warn"]}
+
+
 def load_onnx(path: str | Path) -> Any:
     """Load an ONNX graph without its external weights; UserError if missing or not ONNX."""
     import onnx

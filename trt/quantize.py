@@ -397,7 +397,8 @@ def quantize_onnx(
                 "target": target, "method": method, "per_channel": per_channel,
                 "activations": "int8 symmetric" if tensorrt else "uint8 asymmetric",
                 "weights": "int8 symmetric" + (" per channel" if per_channel else ""),
-                "ops": list(ops), "kept_fp32": exclude, "activation_matmuls_fp32": act, "quantize_linear": n_q, "dequantize_linear": n_dq,
+                "ops": list(ops), "kept_fp32": exclude, "activation_matmuls_fp32": act,
+                "quantize_linear": n_q, "dequantize_linear": n_dq,
                 "calibration_images": len(cal_set.paths), "calibration_source": cal_set.name,
                 "threshold": threshold, "min_agreement": min_agreement,
                 "agreement": {("calibration" if i == 0 else "test"): r.as_dict() for i, r in enumerate(results)},
@@ -416,15 +417,13 @@ def quantize_onnx(
         # the fp32 export's own measurements describe another graph: drop them; the op check is this graph's
         for stale in ("verify", "export_seconds"):
             record.pop(stale, None)
-        from .opcheck import check_graph
+        from .opcheck import check_summary
 
-        report = check_graph(q8)
-        bad = [r.op for r in report if r.status == "unsupported"]
-        record["tensorrt_check"] = {"unsupported": bad, "warnings": [r.op for r in report if r.status == "warn"]}
-        if tensorrt:
-            if bad:
-                raise UserError(f"{model}: the int8 graph holds ops TensorRT 10 does not take ({', '.join(bad)}); "
-                                "see `mae-ad check-trt`")
+        record["tensorrt_check"] = check_summary(q8)
+        bad = record["tensorrt_check"]["unsupported"]
+        if tensorrt and bad:
+            raise UserError(f"{model}: the int8 graph holds ops TensorRT 10 does not take ({', '.join(bad)}); "
+                            "see `mae-ad check-trt`")
         OnnxMeta.model_validate(record)  # the contract: a record the readers accept
         # the record travels in the graph as well, as `mae-ad export` does (a sidecar can be lost on a device)
         props = {p.key: p.value for p in proto.metadata_props}

@@ -62,10 +62,10 @@ def test_a_changed_bundle_gets_a_new_export(eval_bundle, tmp_path, monkeypatch):
 
     monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
     copy = Path(shutil.copytree(eval_bundle, tmp_path / "copy"))
-    first = cached_onnx(copy)
+    first, _ = cached_onnx(copy)
     cal = copy / "calibration.json"
     cal.write_text(cal.read_text().replace('"target_fpr"', '"note": "edited", "target_fpr"', 1))
-    second = cached_onnx(copy)
+    second, _ = cached_onnx(copy)
     assert second != first and first.is_file() and second.is_file()
 
 
@@ -73,9 +73,9 @@ def test_a_half_written_entry_is_exported_again(eval_bundle, tmp_path, monkeypat
     from trt.onnx_cache import cached_onnx
 
     monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
-    path = cached_onnx(eval_bundle)
+    path, _ = cached_onnx(eval_bundle)
     (path.parent / (path.name + ".meta.json")).unlink()  # as if the writer died between the two files
-    again = cached_onnx(eval_bundle)
+    again, _ = cached_onnx(eval_bundle)
     assert again == path and (path.parent / (path.name + ".meta.json")).is_file()
 
 
@@ -125,7 +125,7 @@ def test_evaluate_by_onnxruntime_and_by_torch_agree(eval_bundle, synthetic_data,
     from mae_ad.evaluate import run_evaluation
 
     ort = run_evaluation(eval_bundle, synthetic_data, tmp_path / "ort", batch_size=4, baseline=False,
-                         engine=open_scoring_engine(eval_bundle, "onnxruntime"))
+                         open_engine=lambda: open_scoring_engine(eval_bundle, "onnxruntime"))
     ref = run_evaluation(eval_bundle, synthetic_data, tmp_path / "torch", batch_size=4, baseline=False,
                          precision="fp32")
     assert ort["engine"]["name"] == "onnxruntime" and ref["engine"]["name"] == "torch"
@@ -180,20 +180,20 @@ def test_precision_is_checked_whatever_the_engine(eval_bundle, monkeypatch):
 
 
 def test_an_out_under_a_file_is_refused_before_any_work(eval_bundle, tmp_path):
-    from app.scoring_engines import precheck_scoring
+    from mae_ad.evaluate import refuse_existing_out
     from trt.export import export_onnx
 
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     with pytest.raises(UserError, match=f"{afile} is a file"):
-        precheck_scoring(eval_bundle, afile / "report", "evaluation report")
+        refuse_existing_out(afile / "report", "evaluation report")
     with pytest.raises(UserError, match=f"{afile} is a file"):
         export_onnx(eval_bundle, afile / "sub" / "m.onnx")
     assert afile.read_text() == "not a folder"
 
 
 def test_a_damaged_or_foreign_cache_entry_is_exported_again(eval_bundle, tmp_path, monkeypatch):
-    from trt.onnx_cache import cached_onnx_entry
+    from trt.onnx_cache import cached_onnx
 
     monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
     from mae_ad.contract import OnnxMeta, sha256_file
@@ -202,10 +202,10 @@ def test_a_damaged_or_foreign_cache_entry_is_exported_again(eval_bundle, tmp_pat
     def whole() -> bool:  # the graph is the one its sidecar describes
         return sha256_file(path) == read_sidecar(path, "ONNX", OnnxMeta).onnx_sha256
 
-    path, made = cached_onnx_entry(eval_bundle)
+    path, made = cached_onnx(eval_bundle)
     size = path.stat().st_size
-    assert made and whole() and cached_onnx_entry(eval_bundle) == (path, False)
+    assert made and whole() and cached_onnx(eval_bundle) == (path, False)
     path.write_bytes(path.read_bytes()[: size // 2])  # truncated (a full disk, a killed copy)
-    assert cached_onnx_entry(eval_bundle) == (path, True) and whole() and path.stat().st_size == size
+    assert cached_onnx(eval_bundle) == (path, True) and whole() and path.stat().st_size == size
     path.write_bytes(b"another graph")  # replaced by something else behind the sidecar's back
-    assert cached_onnx_entry(eval_bundle) == (path, True) and whole() and path.stat().st_size == size
+    assert cached_onnx(eval_bundle) == (path, True) and whole() and path.stat().st_size == size
