@@ -126,7 +126,9 @@ class KnnBaseline:
         for i in range(0, len(images), batch_size):
             f = self.cells(images[i:i + batch_size])
             b, c, gh, gw = f.shape
-            d = torch.cdist(f.permute(0, 2, 3, 1).reshape(-1, c), self.memory).amin(dim=1)
+            q = f.permute(0, 2, 3, 1).reshape(-1, c)
+            rows = max(1, (1 << 27) // max(1, self.memory.shape[0]))  # at most ~512 MB of distances at a time
+            d = torch.cat([torch.cdist(q[j:j + rows], self.memory).amin(dim=1) for j in range(0, q.shape[0], rows)])
             m = F.interpolate(d.view(b, 1, gh, gw), size=images.shape[-2:], mode="bilinear", align_corners=False)
             if self.sigma > 0:
                 m = gaussian_blur(m, gaussian_kernel1d(self.sigma, images.shape[-1] - 1))

@@ -82,7 +82,9 @@ def write_bundle_files(
         "merged": False,
         "input": {"size": cfg.model.img_size, "channels": 3, "layout": "NCHW", "range": [0, 1],
                   "colour": "RGB", "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-                  "resize": cfg.data.resize},
+                  "resize": cfg.data.resize,
+                  **({"tile_scale": cfg.data.tile.scale, "tile_overlap": cfg.data.tile.overlap}
+                     if cfg.data.tile is not None else {})},
         "scoring": cfg.scoring.model_dump(mode="json"),
         "calibrated": calibration is not None,
         "versions": versions(),

@@ -19,8 +19,9 @@ import torch
 from .bundle import load_bundle, staged_dir, write_bundle_files
 from .config import Config, apply_overrides, config_from_dict
 from .contract import Placement, UserError, read_calibration
-from .data import index_dataset, load_stack, load_stack_placed, stats_training_paths
+from .data import index_dataset, load_stack_placed, stats_training_paths
 from .scoring import Scorer, calibrate
+from .tiling import TiledPlacements, TileSpec, input_policy
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +39,38 @@ def training_stats_placed(cfg: Config, train_paths: Callable[[], list[Path]]
     """`training_stats_images` and each image's `Placement` (data.resize), or (None, None)."""
     if cfg.calibration.stats_source != "train" or cfg.scoring.normalize != "position":
         return None, None
-    arr, places = load_stack_placed(stats_training_paths(train_paths()), cfg.model.img_size, cfg.data.resize)
+    arr, places = load_stack_placed(stats_training_paths(train_paths()), cfg.model.img_size,
+                                    input_policy(cfg.data, cfg.model.img_size))
     return torch.from_numpy(arr), places
 
 
 def fit_knn_memory(scorer: Scorer, cfg: Config, train_paths: list[Path], tokens: torch.Tensor | None = None,
-                   batch_size: int = 16) -> torch.Tensor | None:
+                   batch_size: int = 16, item_image: torch.Tensor | None = None) -> torch.Tensor | None:
     """With scoring.knn_weight: set the scorer's kNN memory from the training images' token cells (`tokens`
-    [N, C, g, g] when already computed, in `train_paths` order). Returns the memory owner id of each image
+    [N, C, g, g] when already computed, in `train_paths` order; under data.resize=tile one per tile, `item_image` [N]
+    naming the image of each). Returns the memory owner id (index in `train_paths`) of each image
     `training_stats_images` returns (for leave-one-image-out statistics), or None when there is nothing to do."""
     if scorer.knn_weight <= 0:
         return None
+    policy = input_policy(cfg.data, cfg.model.img_size)
     if tokens is None:
         dev = scorer.knn_mean.device
+        chunks, owners = [], []
         with torch.no_grad():
-            tokens = torch.cat([scorer.normalise_input(torch.from_numpy(load_stack(train_paths[i:i + batch_size],
-                                                                                    cfg.model.img_size,
-                                                                                    cfg.data.resize)).to(dev))
-                                for i in range(0, len(train_paths), batch_size)])
+            for i in range(0, len(train_paths), batch_size):
+                arr, places = load_stack_placed(train_paths[i:i + batch_size], cfg.model.img_size, policy)
+                x = torch.from_numpy(arr)
+                chunks += [scorer.normalise_input(x[j:j + batch_size].to(dev)).cpu()
+                           for j in range(0, x.shape[0], batch_size)]
+                owners.append(torch.from_numpy(places.image_of_tile()) + i if isinstance(places, TiledPlacements)
+                              else torch.arange(i, i + x.shape[0]))
+        tokens, item_image = torch.cat(chunks), torch.cat(owners)
     n, c, gh, gw = tokens.shape
     cells = tokens.permute(0, 2, 3, 1).reshape(-1, c)
-    owner = torch.arange(n).repeat_interleave(gh * gw)
+    owner = (torch.arange(n) if item_image is None else item_image.long()).repeat_interleave(gh * gw)
     scorer.set_knn_memory(cells, owner)
-    log.info("kNN memory: %d of %d training cells (%d images)", scorer.knn_bank.shape[0], cells.shape[0], n)
+    log.info("kNN memory: %d of %d training cells (%d %s)", scorer.knn_bank.shape[0], cells.shape[0], n,
+             "tiles" if isinstance(policy, TileSpec) else "images")
     if cfg.calibration.stats_source != "train" or cfg.scoring.normalize != "position":
         return None
     index = {p: i for i, p in enumerate(train_paths)}
@@ -97,7 +107,7 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     cfg, model, meta = load_bundle(bundle)
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{bundle} (with --set {', '.join(overrides)})")
     scorer = Scorer(model, cfg.scoring, cfg.data).eval()
-    arr, places = load_stack_placed(paths, cfg.model.img_size, cfg.data.resize)
+    arr, places = load_stack_placed(paths, cfg.model.img_size, input_policy(cfg.data, cfg.model.img_size))
     images = torch.from_numpy(arr)
     stats_images, stats_places = training_stats_placed(cfg, lambda: _bundle_training_paths(data, holdout))
     owner = fit_knn_memory(scorer, cfg, _bundle_training_paths(data, holdout)) if scorer.knn_weight > 0 else None

@@ -222,6 +222,15 @@ class ScoringConfig(Section):
                                      "error map (0 = off; needs model.perceptual)")
 
 
+class TileConfig(Section):
+    """data.tile (data.resize=tile): how an image becomes tiles of the model's input size (mae_ad.tiling)."""
+
+    scale: float = Field(1.0, gt=0, le=16, description="working size / image size before tiling (1 = native "
+                         "resolution; 0.5 halves each side)")
+    overlap: int = Field(32, ge=0, description="minimum overlap of neighbouring tiles in working pixels (smaller "
+                         "than model.img_size)")
+
+
 class DataConfig(Section):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -235,7 +244,19 @@ class DataConfig(Section):
     # How an image becomes the model's square input (mae_ad.contract.fit_image), the same in training, calibration,
     # evaluation, predict and the agent. squash: resized to S x S (aspect ratio lost). letterbox: aspect ratio kept,
     # the rest of the square filled by reflection and ignored in maps and scores.
-    resize: Literal["squash", "letterbox"] = "squash"
+    # tile: the image is scaled by data.tile.scale and cut into overlapping S x S tiles scored as one batch, their maps
+    # stitched into one map of the image (mae_ad.tiling): small defects on large images keep their pixels.
+    resize: Literal["squash", "letterbox", "tile"] = "squash"
+    tile: TileConfig | None = Field(None, description="tiling settings; only with data.resize=tile (defaults then)")
+
+    @model_validator(mode="after")
+    def _tile_needs_tiling(self) -> DataConfig:
+        if self.tile is not None and self.resize != "tile":
+            raise ValueError(f"data.tile is set but data.resize is {self.resize!r}: a {self.resize} model does not "
+                             "tile; set data.resize: tile or remove data.tile")
+        if self.resize == "tile" and self.tile is None:
+            self.tile = TileConfig()
+        return self
 
 
 class TrainConfig(Section):
@@ -305,6 +326,9 @@ class Config(Section):
         if self.train.schedule == "time" and not self.train.max_minutes:
             raise ValueError("train.schedule=time needs train.max_minutes")
         check_partition(self.model.grid_size, self.scoring.num_masks, self.scoring.pattern)
+        if self.data.tile is not None and self.data.tile.overlap >= self.model.img_size:
+            raise ValueError(f"data.tile.overlap: {self.data.tile.overlap} must be smaller than the tile, "
+                             f"model.img_size={self.model.img_size}")
         if self.model.in_chans not in (1, 3):
             raise ValueError(f"model.in_chans: {self.model.in_chans} is not supported; use 3 (RGB) or 1 (grayscale: "
                              "the model sees the mean of the normalised channels)")

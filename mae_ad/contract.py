@@ -50,7 +50,7 @@ KIND_BUNDLE: Final = "mae_ad.bundle"
 KIND_ONNX: Final = "mae_ad.onnx"
 KIND_PLAN: Final = "mae_ad.plan"
 
-RESIZE_POLICIES = ("squash", "letterbox")
+RESIZE_POLICIES = ("squash", "letterbox", "tile")
 
 
 class UserError(Exception):
@@ -134,7 +134,9 @@ class InputSpec(Record):
     colour: str | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    resize: Literal["squash", "letterbox"] = "squash"
+    resize: Literal["squash", "letterbox", "tile"] = "squash"
+    tile_scale: float | int | None = Field(None, gt=0)  # resize=tile: working size / image size (mae_ad.tiling)
+    tile_overlap: int | None = Field(None, ge=0)  # resize=tile: minimum overlap of neighbouring tiles, pixels
 
 
 class ScoringSpec(Record):
@@ -423,6 +425,8 @@ def placement(src_h: int, src_w: int, size: int, policy: str = "squash") -> Plac
     odd leftover puts the extra pixel after the image). Raises ValueError for an unknown policy or empty image."""
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"data.resize: unknown policy {policy!r}; choose one of {', '.join(RESIZE_POLICIES)}")
+    if policy == "tile":
+        raise ValueError("data.resize=tile cuts an image into tiles (mae_ad.tiling); it has no single placement")
     if src_h < 1 or src_w < 1 or size < 1:
         raise ValueError(f"cannot place a {src_w}x{src_h} image in a {size}x{size} input")
     if policy == "squash":

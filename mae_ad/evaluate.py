@@ -40,11 +40,13 @@ from .data import (
     index_dataset,
     list_images,
     load_stack,
+    load_stack_placed,
     place_mask,
     read_display_bgr,
     read_image_placed,
     read_mask,
 )
+from .tiling import TiledPlacements, TileSpec, input_policy, reduce_stitched, stitched_to_source
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,45 @@ def _eval_pairs(maps: np.ndarray, masks: np.ndarray, full: list[np.ndarray] | No
     return [crop_valid(masks[i], p) for i, p in enumerate(places)], [crop_valid(maps[i], p) for i, p in enumerate(places)]
 
 
+@dataclass
+class _Scored:
+    """Per-image results of a scored stack: scores float64 [N], model-size maps for plots [N, S, S], and the
+    (mask, map) pairs the pixel metrics compare."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    pair_masks: list[np.ndarray]
+    pair_maps: list[np.ndarray]
+
+
+def _per_image(maps_t: Any, scores_t: Any, places: list[Placement], tiles: TiledPlacements | None, scoring: Any,
+               masks: np.ndarray, full: list[np.ndarray] | None) -> _Scored:
+    """Maps [M, 1, S, S] and scores [M] of a scored stack -> `_Scored` per image. Untiled (M = N): scores over each
+    image's valid region (letterbox) or as scored (squash), pairs by `_eval_pairs`. Tiled (`tiles`: the stack is
+    their tiles): each image's stitched map gives its score (`tiling.reduce_stitched`) and, resized to the image's
+    own size, its pair with the full-resolution mask (eval size original) or, resized to S x S, with the model-size
+    mask (eval size model); the plots show it at S x S."""
+    if tiles is not None:
+        size = masks.shape[-1]
+        stitched = tiles.stitched(maps_t)
+        scores = np.array([reduce_stitched(a, scoring.reduce, scoring.topk_fraction) for a in stitched], np.float64)
+        small = np.stack([cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA) for a in stitched])
+        if full is not None:
+            return _Scored(scores, small, list(full),
+                           [stitched_to_source(a, lay) for a, lay in zip(stitched, tiles.layouts, strict=True)])
+        return _Scored(scores, small, list(masks), list(small))
+    from .scoring import valid_scores
+
+    maps = maps_t[:, 0].float().cpu().numpy().astype(np.float32, copy=False)
+    resize_fill = not all(p.full for p in places)
+    scores = valid_scores(maps_t, places, scoring) if resize_fill else \
+        np.asarray(scores_t.double().cpu().numpy() if hasattr(scores_t, "double") else scores_t, np.float64)
+    pm, pa = _eval_pairs(maps, masks, full, places)
+    if resize_fill:  # plots and cases: the letterbox fill shows the valid minimum, never a hot spot
+        maps = np.stack([mask_fill(m, p) for m, p in zip(maps, places, strict=True)])
+    return _Scored(scores, maps, pm, pa)
+
+
 def _pick(xs: list[np.ndarray], sel: np.ndarray) -> list[np.ndarray]:
     return [xs[i] for i in np.flatnonzero(sel)]
 
@@ -183,11 +224,12 @@ def _thin_curve(x: np.ndarray, y: np.ndarray, x_max: float, n: int = 1000) -> tu
 
 def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.ndarray, masks: np.ndarray,
                      has_mask: np.ndarray, labels: np.ndarray, defects: np.ndarray, places: list[Placement],
-                     full: list[np.ndarray] | None) -> dict[str, Any]:
+                     full: list[np.ndarray] | None, tiles: TiledPlacements | None = None) -> dict[str, Any]:
     """The training-free baseline on the same images, fitted on the bundle's own training images (the dataset's
     train/good minus its held-back ones) and thresholded on its held-back images, so every report shows what the
     model adds: kNN on the model's own backbone features for a feature-space model (`baseline.KnnBaseline`),
-    per-position patch statistics for a pixel-space one."""
+    per-position patch statistics for a pixel-space one. `images`: the scored stack (under tiling its tiles,
+    `tiles` telling which form which image), scored and stitched as the model's are (`_per_image`)."""
     import torch
 
     from .baseline import KnnBaseline, PatchStatsBaseline
@@ -196,7 +238,7 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
     train = [p for p in index.train if str(p.relative_to(index.root)) not in held]
     hold = [p for p in index.train if str(p.relative_to(index.root)) in held]
     size = images.shape[-1]
-    resize = scorer.data.resize
+    policy = input_policy(scorer.data, size)
     base: Any
     if scorer.features:
         base = KnnBaseline(scorer.model.cfg.backbone, size, tokenizer=scorer.model.backbone)
@@ -204,20 +246,21 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
     else:
         base = PatchStatsBaseline(scorer.model.patch_size)
         method = "per-position patch statistics (training-free)"
-    from .data import load_stack_placed
+    if tiles is not None:
+        method += ", on the same tiles, stitched"
     from .scoring import valid_scores
 
-    base.fit(torch.from_numpy(load_stack(train, size, resize)))
+    base.fit(torch.from_numpy(load_stack(train, size, policy)))
     threshold = float("inf")
     if hold:
-        hold_imgs, hold_places = load_stack_placed(hold, size, resize)
+        hold_imgs, hold_places = load_stack_placed(hold, size, policy)
         hold_maps, hold_scores = base.score(torch.from_numpy(hold_imgs))
-        hs = valid_scores(hold_maps, hold_places, scorer.scoring) if resize != "squash" else \
+        hs = valid_scores(hold_maps, hold_places, scorer.scoring) if policy != "squash" else \
             hold_scores.double().numpy()
         threshold = float(np.quantile(hs, 1 - float(cal.get("target_fpr", 0.01)), method="higher"))
     maps_t, scores_t = base.score(torch.from_numpy(images))
-    maps = maps_t[:, 0].numpy()
-    scores = valid_scores(maps_t, places, scorer.scoring) if resize != "squash" else scores_t.double().numpy()
+    res = _per_image(maps_t, scores_t, places, tiles, scorer.scoring, masks, full)
+    scores = res.scores
     out: dict[str, Any] = {"method": method, "n_train_images": len(train),
                            "threshold": threshold if hold else None}
     im = M.image_metrics(labels, scores, threshold)
@@ -229,8 +272,7 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
         out["f1"] = None
         out["note"] = ("the bundle's held-back images are not in this dataset: fitted on all its normal training "
                        "images, no threshold, no F1")
-    pm, pa = _eval_pairs(maps, masks, full, places)
-    out.update(_pixel_metrics(_pick(pm, has_mask), _pick(pa, has_mask), {}, "baseline"))
+    out.update(_pixel_metrics(_pick(res.pair_masks, has_mask), _pick(res.pair_maps, has_mask), {}, "baseline"))
     out["per_defect_image_auroc"] = {
         t: _finite(M.auroc(labels[(defects == "good") | (defects == t)],
                            scores[(defects == "good") | (defects == t)]))
@@ -263,15 +305,22 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     cal = read_calibration(bundle)
     bcfg = config_from_dict(read_yaml(bundle / BUNDLE_CONFIG), str(bundle / BUNDLE_CONFIG))
     size, resize = bcfg.model.img_size, bcfg.data.resize
+    policy = input_policy(bcfg.data, size)
     samples = index.test
     t_io = time.perf_counter()
-    images, masks, has_mask, places, full = _load_test_set(samples, size, resize, original=eval_size == "original")
+    # under tiling `images` are squashed thumbnails for the plots and `stack` the tiles that are scored
+    images, masks, has_mask, places, full = _load_test_set(samples, size, "squash" if resize == "tile" else resize,
+                                                           original=eval_size == "original")
+    stack, tiles = images, None
+    if isinstance(policy, TileSpec):
+        stack, tile_places = load_stack_placed([s.path for s in samples], size, policy)
+        assert isinstance(tile_places, TiledPlacements)
+        tiles = tile_places
     t_io = time.perf_counter() - t_io
 
     import torch
 
     from .bundle import load_scorer, staged_dir
-    from .scoring import valid_scores
 
     scorer, _, meta = load_scorer(bundle, require_calibration=True)
     engine = (open_engine() if open_engine else None) or _torch_engine(scorer, meta, cal, precision, data,
@@ -288,20 +337,16 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
                     n_unmasked, data / "ground_truth")
 
     t0 = time.perf_counter()
-    maps_t, scores_t = _score_all(engine, images, batch_size)
+    maps_t, scores_t = _score_all(engine, stack, batch_size)
+    scored = _per_image(maps_t, scores_t, places, tiles, scorer.scoring, masks, full)
     t_score = time.perf_counter() - t0
-    maps = maps_t[:, 0].cpu().numpy().astype(np.float32, copy=False)
-    scores = valid_scores(maps_t, places, scorer.scoring) if resize != "squash" else \
-        scores_t.double().cpu().numpy()
+    scores, maps, pair_masks, pair_maps = scored.scores, scored.maps, scored.pair_masks, scored.pair_maps
     bad = np.flatnonzero(~np.isfinite(scores))
     if bad.size:
         raise UserError(f"{bundle}: the model gives non-finite scores (first for {samples[bad[0]].path}); "
                         "its weights are probably broken")
 
     pix = has_mask  # images whose every pixel has a known label
-    pair_masks, pair_maps = _eval_pairs(maps, masks, full, places)
-    if resize != "squash":  # plots and cases: the letterbox fill shows the valid minimum, never a hot spot
-        maps = np.stack([mask_fill(m, p) for m, p in zip(maps, places, strict=True)])
     result: dict[str, Any] = {}
     result.update(M.image_metrics(labels, scores, threshold))
     curves: dict[str, Any] = {}
@@ -335,6 +380,9 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
                             if eval_size == "original" else f"model input, {size} px (masks nearest-neighbour)"),
         "model_size": size,
         "resize": resize,
+        **({"tile": {"scale": policy.scale, "overlap": policy.overlap, "size": policy.size,
+                     "n_tiles": len(tiles), "tiles_per_image_max": max(lay.n_tiles for lay in tiles.layouts)}}
+           if isinstance(policy, TileSpec) and tiles is not None else {}),
         "model_id": meta.model_id,
         "bundle": str(bundle),
         "data": str(data),
@@ -348,8 +396,8 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     })
 
     if baseline:
-        result["baseline"] = _baseline_beside(scorer, cal, index, images, masks, has_mask, labels, defects, places,
-                                              full)
+        result["baseline"] = _baseline_beside(scorer, cal, index, stack, masks, has_mask, labels, defects, places,
+                                              full, tiles)
         log.info("baseline beside: %s", {k: v for k, v in result["baseline"].items() if isinstance(v, float)})
 
     with staged_dir(out, "evaluation report") as d:
@@ -710,16 +758,25 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
     with staged_dir(out, "predictions") as d:
         scale = 2.0 * threshold if threshold is not None and threshold > 0 else None
         pending: list[tuple[Path, str, np.ndarray, float]] = []
-        for i in range(0, len(files), batch_size):
-            chunk = files[i:i + batch_size]
-            placed = [read_image_placed(p, size, resize) for p in chunk]
-            maps, scores = _score_all(engine, np.stack([a for a, _ in placed]), batch_size)
-            places = [pl for _, pl in placed if pl is not None]
-            sc = valid_scores(maps, places, scorer.scoring) if resize != "squash" else \
-                scores.double().cpu().numpy()
-            # the map of the image itself: its valid region (letterbox), at model resolution
-            valid = [np.ascontiguousarray(crop_valid(m, pl)) for m, pl in zip(maps[:, 0].cpu().numpy(), places,
-                                                                              strict=True)]
+        policy = input_policy(scorer.data, size)
+        step = 1 if isinstance(policy, TileSpec) else batch_size  # tiled: one image's tiles are one batch
+        for i in range(0, len(files), step):
+            chunk = files[i:i + step]
+            if isinstance(policy, TileSpec):  # the stitched map at working resolution
+                tiles, tplaces = load_stack_placed(chunk, size, policy)
+                maps, _ = _score_all(engine, tiles, max(batch_size, len(tiles)))
+                valid = tplaces.stitched(maps)  # type: ignore[attr-defined]
+                sc = np.array([reduce_stitched(a, scorer.scoring.reduce, scorer.scoring.topk_fraction)
+                               for a in valid])
+            else:
+                placed = [read_image_placed(p, size, resize) for p in chunk]
+                maps, scores = _score_all(engine, np.stack([a for a, _ in placed]), batch_size)
+                places = [pl for _, pl in placed if pl is not None]
+                sc = valid_scores(maps, places, scorer.scoring) if resize != "squash" else \
+                    scores.double().cpu().numpy()
+                # the map of the image itself: its valid region (letterbox), at model resolution
+                valid = [np.ascontiguousarray(crop_valid(m, pl)) for m, pl in zip(maps[:, 0].cpu().numpy(), places,
+                                                                                  strict=True)]
             for p, m, s in zip(chunk, valid, sc, strict=True):
                 if not np.isfinite(s):
                     raise UserError(f"{bundle}: the model gives a non-finite score for {p}")

@@ -18,6 +18,7 @@ from .config import Config, DataConfig, ScoringConfig
 from .gaussian import gaussian_kernel1d
 from .masking import inference_masks, masks_to_ids
 from .model import MaskedAutoencoderViT
+from .tiling import TiledPlacements
 from .variants import blur_channels, ssim_map
 
 
@@ -371,16 +372,19 @@ def _valid_masks(placements: list[Any]) -> torch.Tensor:
 def _image_scores(scorer: Scorer, maps: torch.Tensor, placements: list[Any] | None) -> np.ndarray:
     """Image scores float64 [N] of maps [N, 1, S, S] by the rule evaluation and the agent use: over each image's
     valid region when some `placements` are letterboxed (`valid_scores`), else `Scorer.reduce_map`."""
-    if placements is not None and not all(p.full for p in placements):
+    if isinstance(placements, TiledPlacements) or (placements is not None and not all(p.full for p in placements)):
         return valid_scores(maps, placements, scorer.scoring)
     return scorer.reduce_map(maps).double().cpu().numpy()
 
 
 def valid_scores(maps: torch.Tensor, placements: list[Any], scoring: Any) -> np.ndarray:
     """Image scores float64 [N] from model-size maps [N, 1, S, S], each over its image's valid region
-    (`contract.score_valid` with scoring.reduce / scoring.topk_fraction)."""
+    (`contract.score_valid` with scoring.reduce / scoring.topk_fraction); for a `tiling.TiledPlacements` the maps
+    are those of its T tiles and the scores those of its N images, each from its stitched map."""
     from .contract import score_valid
 
+    if isinstance(placements, TiledPlacements):  # tiles: each image's score from its stitched map
+        return placements.scores(maps, scoring.reduce, scoring.topk_fraction)
     m = maps[:, 0].float().cpu().numpy()
     return np.array([score_valid(m[i], p, scoring.reduce, scoring.topk_fraction) for i, p in enumerate(placements)],
                     np.float64)
@@ -403,6 +407,19 @@ def score_batches(scorer: Scorer, images: torch.Tensor, batch_size: int = 8, raw
     return torch.cat(maps), torch.cat(scores)
 
 
+def _images_in(n_tiles: int, places: Any) -> int:
+    """How many images the first `n_tiles` items of a stack hold (tiled: whole images; else items)."""
+    if isinstance(places, TiledPlacements):
+        return (places.starts + [len(places)]).index(n_tiles) if n_tiles in places.starts + [len(places)] else 0
+    return n_tiles
+
+
+def _half_on_image_boundary(places: TiledPlacements) -> int:
+    """The image boundary (a tile index) nearest half the tiles, leaving at least one image on each side."""
+    inner = places.starts[1:]
+    return min(inner, key=lambda b: abs(b - len(places) / 2))
+
+
 @torch.no_grad()
 def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_size: int = 8,
               stats_images: torch.Tensor | None = None, stats_owner: torch.Tensor | None = None,
@@ -422,13 +439,18 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     the per-pixel statistics count each image only where it is valid (`stats_placements`: those of `stats_images`).
     """
     n = images.shape[0]
-    if n < 2:
-        raise ValueError(f"calibration needs at least 2 normal images, got {n}")
+    tiled = isinstance(placements, TiledPlacements)  # data.resize=tile: `images` are the tiles of the images
+    n_images = placements.n_images if isinstance(placements, TiledPlacements) else n
+    if n_images < 2:
+        raise ValueError(f"calibration needs at least 2 normal images, got {n_images}")
+    if isinstance(stats_placements, TiledPlacements) and stats_owner is not None \
+            and len(stats_owner) == stats_placements.n_images:  # one owner per image -> one per tile
+        stats_owner = stats_owner[torch.from_numpy(stats_placements.image_of_tile()).to(stats_owner.device)]
     scorer.eval()
     stats_n = n_stats = 0  # held-back images spent on the statistics; images the statistics came from
     if scorer.normalize:
         if stats_images is None:
-            stats_n = n // 2
+            stats_n = _half_on_image_boundary(placements) if isinstance(placements, TiledPlacements) else n // 2
             stats_src = images[:stats_n]
         else:
             stats_src = stats_images
@@ -471,9 +493,10 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     return {
         "threshold": threshold,
         "target_fpr": target_fpr,
-        "n_images": int(n),
+        "n_images": int(n_images),
+        **({"n_tiles": int(n)} if tiled else {}),
         "n_threshold_images": int(len(s)),
-        "n_stats_images": int(n_stats),
+        "n_stats_images": int(_images_in(n_stats, placements if stats_images is None else stats_placements)),
         "stats_source": "none" if not scorer.normalize else ("holdout" if stats_images is None else "train"),
         "normal_score_mean": float(s.mean()),
         "normal_score_std": float(s.std()),

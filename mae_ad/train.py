@@ -44,6 +44,7 @@ from .contract import UserError, write_json_atomic
 from .model import MaskedAutoencoderViT, build_model, count_params
 from .precision import cpu_isa_flags, training_precision
 from .scoring import Scorer, calibrate, normalise_images
+from .tiling import input_policy
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,10 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     normal = data_mod.require_train_images(index)
     cal = cfg.calibration
     train_paths, holdout = data_mod.split_holdout(normal, cal.holdout_fraction, cal.min_holdout, seed=tc.seed)
+    policy = input_policy(cfg.data, cfg.model.img_size)  # a TileSpec under data.resize=tile: items are tiles
     dataset = data_mod.ImageFolderDataset(train_paths, cfg.model.img_size, cache=cfg.data.cache,
-                                          hflip=cfg.data.hflip, seed=tc.seed, resize=cfg.data.resize)
+                                          hflip=cfg.data.hflip, seed=tc.seed, resize=policy)
+    image_dataset = dataset  # the images (or tiles) themselves, also when `dataset` becomes their token cache
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=False)
     loader_gen = torch.Generator()
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
@@ -267,7 +270,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     model.to(device)
     if ckpt_tensors is None and model.frozen_cnns():  # their features are standardised on the training images
         std_imgs = torch.from_numpy(data_mod.load_stack(data_mod.stats_training_paths(train_paths),
-                                                        cfg.model.img_size, cfg.data.resize))
+                                                        cfg.model.img_size, policy))
         for cnn in model.frozen_cnns():
             cnn.fit_standardisation(std_imgs)
 
@@ -451,11 +454,12 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     try:
         model.eval()
         scorer = Scorer(model, cfg.scoring, cfg.data).to(device).eval()
-        hold_arr, hold_places = data_mod.load_stack_placed(holdout, cfg.model.img_size, cfg.data.resize)
+        hold_arr, hold_places = data_mod.load_stack_placed(holdout, cfg.model.img_size, policy)
         hold_imgs = torch.from_numpy(hold_arr).to(device)
         stats_imgs, stats_places = training_stats_placed(cfg, lambda: train_paths)
         owner = fit_knn_memory(scorer, cfg, train_paths,
-                               dataset.tokens.to(device) if isinstance(dataset, TokenCache) else None)
+                               dataset.tokens.to(device) if isinstance(dataset, TokenCache) else None,
+                               item_image=torch.from_numpy(image_dataset.item_image))
         calibration = calibrate(scorer, hold_imgs, cfg.calibration.target_fpr, batch_size=tc.batch_size,
                                 stats_images=None if stats_imgs is None else stats_imgs.to(device), stats_owner=owner,
                                 placements=hold_places, stats_placements=stats_places)
