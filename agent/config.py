@@ -169,6 +169,15 @@ class CameraSection(Section):
                     raise ValueError(problem)
         return v
 
+    @model_validator(mode="after")
+    def _roi_inside_capture(self) -> CameraSection:
+        r = self.roi
+        if r is not None and self.width is not None and self.height is not None and \
+                (r.x + r.width > self.width or r.y + r.height > self.height):
+            raise ValueError(f"roi: x={r.x} y={r.y} width={r.width} height={r.height} reaches outside the "
+                             f"{self.width}x{self.height} frame the camera is asked for (width/height)")
+        return self
+
     def resolved_kind(self) -> str:
         """device | file | url | gstreamer, from `kind` or guessed from `source`."""
         if self.kind != "auto":

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mae_ad.contract import RESIZE_POLICIES, Prediction, UserError
+from mae_ad.tiling import TileSpec, spec_from, working_size
 
 from .backend import Backend, EngineOpener, model_threshold, open_backend
 from .capture import ENDED, FAILED, PAUSED, STREAMING, CameraReader, Frame, opencv_line
@@ -33,7 +34,16 @@ from .decide import AlertTracker, iso
 from .evidence import EvidenceStore, encode_jpeg
 from .mqtt import MqttLink
 from .mqtt import preflight as mqtt_preflight
-from .preprocess import anomalous_box, box_to_frame, overlay, preprocess, valid_view
+from .preprocess import (
+    anomalous_box,
+    box_to_frame,
+    overlay,
+    preprocess,
+    preprocess_tiles,
+    roi_outside,
+    stitched_view,
+    valid_view,
+)
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -121,6 +131,8 @@ class Agent:
         self._last_stats = time.monotonic()
         self.default_threshold: float | None = None
         self.resize, self.reduce, self.topk_fraction = "squash", "max", 0.01  # set from the model's metadata
+        self.tile: TileSpec | None = None  # the model's tiling (input.resize=tile)
+        self._roi_refused: set[str] = set()  # cameras whose ROI lies outside their frames (logged once)
 
     # --- thresholds -------------------------------------------------------------------------------------------
     def threshold_of(self, cs: CameraState) -> tuple[float, str]:
@@ -148,6 +160,12 @@ class Agent:
                             f"metadata (this agent knows {', '.join(RESIZE_POLICIES)})")
         if b.meta.scoring is not None:
             self.reduce, self.topk_fraction = b.meta.scoring.reduce, b.meta.scoring.topk_fraction
+        if self.resize == "tile":
+            try:
+                self.tile = spec_from(b.meta.input, b.input_size)
+            except ValueError as e:
+                raise UserError(f"model.path={cfg.model.path}: bad tiling in the model metadata: {e}") from None
+            self._check_tiles(cfg.cameras)
         for i, cam in enumerate(cfg.cameras):
             if not cam.enabled:
                 continue
@@ -171,6 +189,28 @@ class Agent:
             self.web = WebView(self, cfg.web)
         log.info("agent %s: model %s on %s (input %d px, threshold %s), %d camera(s)", cfg.agent_id, self.model_id,
                  b.name, b.input_size, self.default_threshold, len(self.cams))
+
+    def _check_tiles(self, cameras: list[CameraSection]) -> None:
+        """A tiled model: every camera's ROI (or its requested capture size), scaled by the tile scale, must hold
+        at least one tile; UserError naming the key otherwise."""
+        assert self.tile is not None
+        spec = self.tile
+        for i, cam in enumerate(cameras):
+            if cam.roi is not None:
+                key, w, h = f"cameras.{i}.roi", cam.roi.width, cam.roi.height
+            elif cam.width is not None and cam.height is not None:
+                key, w, h = f"cameras.{i}.width/height", cam.width, cam.height
+            else:
+                continue
+            wh, ww = working_size(h, w, spec.scale)
+            if wh < spec.size or ww < spec.size:
+                raise UserError(f"{key}: {w}x{h} px at the model's tile scale {spec.scale:g} is {ww}x{wh}, smaller "
+                                f"than one {spec.size}-px tile; enlarge it or use a squash/letterbox model")
+
+    def _overlay_size(self, rgb: np.ndarray, size: int) -> int:
+        """Longer side of published overlays: the model input (at least 224 px), or for a tiled model the scaled
+        ROI itself up to 1280 px (a small defect stays visible)."""
+        return min(1280, max(rgb.shape[:2])) if self.tile is not None else max(size, 224)
 
     def _on_connected(self) -> None:
         for cs in self.cams.values():
@@ -305,8 +345,29 @@ class Agent:
             self._score(batch[i:i + mb])
         return len(batch)
 
+    def _refuse_roi(self, batch: list[tuple[CameraState, Frame]]) -> list[tuple[CameraState, Frame]]:
+        """Frames whose camera ROI lies outside the frame are not scored: logged once per camera and published as
+        the camera's status detail (a misplaced ROI would otherwise score a clipped sliver)."""
+        keep = []
+        for cs, f in batch:
+            why = roi_outside(f.image.shape, cs.cam)
+            if why is None:
+                keep.append((cs, f))
+                self._roi_refused.discard(cs.cam.name)
+            elif cs.cam.name not in self._roi_refused:
+                self._roi_refused.add(cs.cam.name)
+                log.error("camera %s: %s; its frames are not scored", cs.cam.name, why)
+                self._publish_camera_status(cs, "error", why)
+        return keep
+
     def _score(self, batch: list[tuple[CameraState, Frame]]) -> None:
         assert self.backend is not None and self.link is not None
+        batch = self._refuse_roi(batch)
+        if not batch:
+            return
+        if self.tile is not None:
+            self._score_tiled(batch)
+            return
         size = self.backend.input_size
         t0 = time.monotonic()
         prepped = [preprocess(f.image, cs.cam, size, self.resize) for cs, f in batch]
@@ -331,6 +392,38 @@ class Agent:
         if self.first_score_s is None:
             self.first_score_s = time.monotonic() - self.t_start
             log.info("first frame scored %.2f s after start", self.first_score_s)
+
+    def _score_tiled(self, batch: list[tuple[CameraState, Frame]]) -> None:
+        """A tiled model: the tiles of every frame in `batch` go through the engine together (in chunks of the
+        engine's max batch), each frame's map is their stitched map (`stitched_view`)."""
+        assert self.backend is not None and self.tile is not None
+        t0 = time.monotonic()
+        prepped = [preprocess_tiles(f.image, cs.cam, self.tile) for cs, f in batch]
+        x = np.concatenate([p[0] for p in prepped])
+        t1 = time.monotonic()
+        mb = self.backend.max_batch or len(x)
+        maps = np.concatenate([Prediction.checked(*self.backend.infer(x[i:i + mb]), f"backend {self.backend.name}").maps
+                               for i in range(0, len(x), mb)])
+        t2 = time.monotonic()
+        n = len(batch)
+        self.batches += 1
+        self.frames_scored += n
+        self._engine_win[0] += t2 - t1
+        self._engine_win[1] += 1
+        self._engine_win[2] += n
+        self.timer.add("preprocess", (t1 - t0) / n, n)
+        self.timer.add("engine", (t2 - t1) / n, n)
+        k = 0
+        for (cs, f), (_, crop, lay, rgb) in zip(batch, prepped, strict=True):
+            self.timer.add("capture", t0 - f.t_read_start)
+            amap, score = stitched_view(maps[k:k + lay.n_tiles], lay, self.reduce, self.topk_fraction)
+            k += lay.n_tiles
+            self._decide_publish(cs, f, crop, rgb, amap, score,
+                                 {"capture": t0 - f.t_read_start, "preprocess": (t1 - t0) / n, "engine": (t2 - t1) / n})
+        if self.first_score_s is None:
+            self.first_score_s = time.monotonic() - self.t_start
+            log.info("first frame scored %.2f s after start (%d tiles per frame)", self.first_score_s,
+                     prepped[0][2].n_tiles)
 
     def _decide_publish(self, cs: CameraState, f: Frame, crop: Any, rgb: np.ndarray, amap: np.ndarray, score: float,
                         lat: dict[str, float]) -> None:
@@ -371,7 +464,7 @@ class Agent:
             elif ev["event"] == "end":
                 log.info("camera %s: alert %s closed (peak %.4f)", name, ev["id"], ev["peak_score"])
             if ev["event"] in ("start", "update"):
-                heat_jpeg = heat_jpeg or encode_jpeg(overlay(rgb, amap, threshold, box_in, max(size, 224)))
+                heat_jpeg = heat_jpeg or encode_jpeg(overlay(rgb, amap, threshold, box_in, self._overlay_size(rgb, size)))
                 frame_bgr = self._frame_bgr(cs, f.image, box)
                 folder = self.evidence.save(name, ev["id"], f.wall_time, frame_bgr, heat_jpeg, ev,
                                             "start" if ev["event"] == "start" else "peak")
@@ -383,7 +476,7 @@ class Agent:
             self.alert_messages += 1
         hi = self.cfg.mqtt.heatmap_interval_s
         if heat_jpeg is None and hi > 0 and now - cs.last_heatmap_pub >= hi:
-            heat_jpeg = encode_jpeg(overlay(rgb, amap, threshold, box_in, max(size, 224)))
+            heat_jpeg = encode_jpeg(overlay(rgb, amap, threshold, box_in, self._overlay_size(rgb, size)))
         if heat_jpeg is not None:
             cs.last_heatmap_pub = now
             link.publish(link.topic(name, "heatmap"), heat_jpeg, qos=0)

@@ -3,7 +3,8 @@
 Normalisation (mean/std) is part of the exported graph, so the agent only delivers RGB in [0, 1], the contract of
 `mae_ad.contract.INPUT_NAME`. The resize follows the model's policy (input.resize in its metadata: squash or
 letterbox) through `mae_ad.contract.fit_image`, the function training and evaluation use; under letterbox the map
-and score are taken over the image's valid region only (`valid_view`). Boxes found in the model's input are mapped
+and score are taken over the image's valid region only (`valid_view`). A tiled model (input.resize=tile) gets the
+ROI's tiles (`preprocess_tiles`, `mae_ad.tiling`) and the frame's map is their stitched map (`stitched_view`). Boxes found in the model's input are mapped
 back to frame pixels here too.
 """
 
@@ -15,6 +16,7 @@ import cv2
 import numpy as np
 
 from mae_ad.contract import Placement, fit_image, score_valid
+from mae_ad.tiling import TileLayout, TileSpec, cut_tiles, reduce_stitched, stitch
 
 from .config import CameraSection
 
@@ -28,6 +30,7 @@ class Crop:
     w: int
     h: int
     place: Placement | None = None  # where the ROI lies in the model's square input (None: squashed into all of it)
+    map_wh: tuple[int, int] | None = None  # tiled: (width, height) of the stitched map the boxes are found in
 
 
 def roi_crop(frame_shape: tuple[int, ...], cam: CameraSection) -> Crop:
@@ -38,6 +41,18 @@ def roi_crop(frame_shape: tuple[int, ...], cam: CameraSection) -> Crop:
     x0, y0 = min(cam.roi.x, fw - 1), min(cam.roi.y, fh - 1)
     x1, y1 = min(cam.roi.x + cam.roi.width, fw), min(cam.roi.y + cam.roi.height, fh)
     return Crop(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+
+
+def roi_outside(frame_shape: tuple[int, ...], cam: CameraSection) -> str | None:
+    """Why the camera's ROI does not lie inside a frame of this shape (a sentence naming the key), or None."""
+    if cam.roi is None:
+        return None
+    fh, fw = int(frame_shape[0]), int(frame_shape[1])
+    r = cam.roi
+    if r.x + r.width > fw or r.y + r.height > fh:
+        return (f"roi x={r.x} y={r.y} width={r.width} height={r.height} reaches outside the {fw}x{fh} frame "
+                f"(cameras.{cam.name}.roi)")
+    return None
 
 
 def to_rgb(img: np.ndarray, colour: str) -> np.ndarray:
@@ -67,6 +82,29 @@ def preprocess(frame: np.ndarray, cam: CameraSection, size: int, resize: str = "
     return chw, crop, rgb
 
 
+def preprocess_tiles(frame: np.ndarray, cam: CameraSection, spec: TileSpec
+                     ) -> tuple[np.ndarray, Crop, TileLayout, np.ndarray]:
+    """Tiling (the model's input.resize=tile): the ROI scaled by the tile scale and cut into overlapping tiles as
+    training and evaluation cut them (`mae_ad.tiling.cut_tiles`). -> (tiles float32 [T, 3, S, S] RGB in [0, 1],
+    crop (map_wh: the stitched map's size), their `TileLayout`, the scaled ROI RGB uint8 [h, w, 3] for overlays)."""
+    crop = roi_crop(frame.shape, cam)
+    rgb = to_rgb(frame[crop.y:crop.y + crop.h, crop.x:crop.x + crop.w], cam.colour)
+    tiles, lay = cut_tiles(rgb, spec)
+    work = rgb if (lay.work_h, lay.work_w) == (crop.h, crop.w) else \
+        cv2.resize(rgb, (lay.work_w, lay.work_h), interpolation=cv2.INTER_AREA if spec.scale < 1 else cv2.INTER_LINEAR)
+    x = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2), dtype=np.float32)
+    x *= 1.0 / 255.0
+    return x, Crop(crop.x, crop.y, crop.w, crop.h, None, (lay.work_w, lay.work_h)), lay, work
+
+
+def stitched_view(maps: np.ndarray, lay: TileLayout, reduce: str = "max", topk_fraction: float = 0.01
+                  ) -> tuple[np.ndarray, float]:
+    """Tile maps [T, (1,) S, S] of one frame -> (stitched map [h, w] over the scaled ROI, score by the model's reduce
+    rule over it): `mae_ad.tiling.stitch` and `reduce_stitched`, as evaluation takes them."""
+    amap = stitch(maps, lay)
+    return amap, reduce_stitched(amap, reduce, topk_fraction)
+
+
 def valid_view(amap: np.ndarray, rgb: np.ndarray, score: float, crop: Crop, reduce: str = "max",
                topk_fraction: float = 0.01) -> tuple[np.ndarray, np.ndarray, float]:
     """The map [S, S] (or [1, S, S]), overlay image [S, S, 3] and score of one frame, restricted to the ROI's valid
@@ -82,9 +120,9 @@ def valid_view(amap: np.ndarray, rgb: np.ndarray, score: float, crop: Crop, redu
 
 def box_to_frame(box: tuple[int, int, int, int], crop: Crop, size: int) -> list[int]:
     """A box [x0, y0, x1, y1) in map pixels -> the same box in frame pixels. The map is the model-size square
-    (squash) or, for a letterboxed crop, its valid region (`valid_view`)."""
+    (squash), for a letterboxed crop its valid region (`valid_view`), for a tiled one the stitched map."""
     pl = crop.place
-    mw, mh = (pl.width, pl.height) if pl is not None and not pl.full else (size, size)
+    mw, mh = crop.map_wh or ((pl.width, pl.height) if pl is not None and not pl.full else (size, size))
     sx, sy = crop.w / mw, crop.h / mh
     x0, y0, x1, y1 = box
     return [int(crop.x + x0 * sx), int(crop.y + y0 * sy), int(round(crop.x + x1 * sx)), int(round(crop.y + y1 * sy))]
