@@ -347,7 +347,7 @@ class Agent:
 
     def _refuse_roi(self, batch: list[tuple[CameraState, Frame]]) -> list[tuple[CameraState, Frame]]:
         """Frames whose camera ROI lies outside the frame are not scored: logged once per camera and published as
-        the camera's status detail (a misplaced ROI would otherwise score a clipped sliver)."""
+        the camera's status "failed" with the reason (a misplaced ROI would otherwise score a clipped sliver)."""
         keep = []
         for cs, f in batch:
             why = roi_outside(f.image.shape, cs.cam)
@@ -357,7 +357,7 @@ class Agent:
             elif cs.cam.name not in self._roi_refused:
                 self._roi_refused.add(cs.cam.name)
                 log.error("camera %s: %s; its frames are not scored", cs.cam.name, why)
-                self._publish_camera_status(cs, "error", why)
+                self._publish_camera_status(cs, FAILED, why)
         return keep
 
     def _score(self, batch: list[tuple[CameraState, Frame]]) -> None:
