@@ -37,6 +37,26 @@ def _bare_fps(be: Any, batch: np.ndarray, seconds: float) -> dict[str, float]:
     return {"fps": n * batch.shape[0] / dt, "ms_per_batch": 1000 * dt / n, "batches": n}
 
 
+def _tiled_batch(be: Any, video: str) -> np.ndarray | None:
+    """A tiled model (input.resize=tile): the tiles of the video's first frame [T, 3, S, S], as the agent cuts them
+    (the bare engine's batch per frame); None for an untiled model."""
+    import cv2
+
+    from agent.config import CameraSection
+    from agent.preprocess import preprocess_tiles
+    from mae_ad.tiling import spec_from
+
+    spec = spec_from(be.meta.input, be.input_size)
+    if spec is None:
+        return None
+    cap = cv2.VideoCapture(video)
+    ok, frame = cap.read()
+    cap.release()
+    if not ok:
+        raise RuntimeError(f"{video}: cannot read a frame")
+    return preprocess_tiles(frame, CameraSection(name="bench", source=video), spec)[0]
+
+
 def _frames_for(be: Any, n: int) -> np.ndarray:
     import cv2
 
@@ -65,9 +85,11 @@ def _agent_cfg(work: Path, port: int, protocol: str, model: dict[str, Any], cams
 
 def run_agent_bench(model: str | None, backend: str | None = None, seconds: float = 15.0, cameras: int = 1,
                     threads: int | None = None, out: str | Path | None = None, outage: bool = True,
-                    realtime: bool = True) -> dict[str, Any]:
+                    realtime: bool = True, video_path: str | None = None) -> dict[str, Any]:
     """realtime: the video plays at its 25 fps, like a camera (the default); False: decoded as fast as possible,
-    which puts a decoder thread on the engine's cores and measures that contention too."""
+    which puts a decoder thread on the engine's cores and measures that contention too. `video_path`: this video
+    instead of the synthetic 256-px product (e.g. `mae_ad.synthetic.small_defect_video`, 1920x1080). A tiled
+    model's bare engine scores one frame's tiles per batch, so both figures are frames/s."""
     from agent.backend import open_backend
     from agent.broker import start_local_broker
     from agent.config import ModelSection
@@ -78,7 +100,8 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
 
     work = Path(tempfile.mkdtemp(prefix="mae-ad-agent-bench-"))
     msec = _model_section(model, backend, threads)
-    video = write_product_video(work / "product.avi", n_frames=200, fps=25.0, size=256)
+    video = {"path": str(video_path)} if video_path else \
+        write_product_video(work / "product.avi", n_frames=200, fps=25.0, size=256)
     brk, protocol = start_local_broker(work / "broker")
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "model": model, "backend": msec["backend"],
                            "cameras": cameras, "realtime": realtime, "threads": threads, "cpu_count": os.cpu_count(),
@@ -86,8 +109,13 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
     try:
         be = open_backend(ModelSection(**msec), open_engine)
         res["model_id"], res["input_size"] = be.meta.model_id, be.input_size
-        batch = _frames_for(be, cameras)
+        tiles = _tiled_batch(be, video["path"])
+        batch = _frames_for(be, cameras) if tiles is None else np.concatenate([tiles] * cameras)
         res["bare"] = _bare_fps(be, batch, seconds)
+        if tiles is not None:  # one batch holds `cameras` frames of T tiles each: frames/s
+            res["tiles_per_frame"] = int(tiles.shape[0])
+            res["bare"]["fps"] *= cameras / batch.shape[0]
+            res["bare"]["tiles_per_s"] = res["bare"]["fps"] * tiles.shape[0]
 
         # the agent on the same engine object, cameras reading the video as fast as they can
         cams = [{"name": f"cam{i}", "source": video["path"], "loop": True, "realtime": realtime}
@@ -112,6 +140,7 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
                         "stage_ms": {k: (round(v, 3) if v is not None else None)
                                      for k, v in agent.timer.mean_ms().items()},
                         "dropped": {n: cs.reader.stats.dropped for n, cs in agent.cams.items()},
+                        "alerts_raised": agent.alerts_raised,
                         "score_messages_received": view.counts.get("score", 0)}
 
         # a separate agent process: memory, torch never imported, time to first score message

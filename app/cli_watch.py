@@ -74,14 +74,21 @@ def register(app: typer.Typer) -> None:
         outage: Annotated[bool, typer.Option(help="also run the broker-outage scenario")] = True,
         realtime: Annotated[bool, typer.Option(help="play the video at camera speed (25 fps) rather than as fast as "
                                                     "it decodes")] = True,
+        video: Annotated[Path | None, typer.Option(help="this video file instead of the synthetic product (a "
+                                                        "tiled model: its bare figure scores one frame's tiles "
+                                                        "per batch)")] = None,
     ) -> None:
         """Agent frames/s vs the bare engine, stage latency, memory, time to first score, alerts in an outage."""
+        from mae_ad.contract import UserError
+
         from .agent_bench import run_agent_bench
         from .common import setup_logging
 
+        if video is not None and not video.is_file():
+            raise UserError(f"--video {video}: no such file")
         setup_logging(False)
         res = run_agent_bench(model, backend=backend, seconds=seconds, cameras=cameras, threads=threads, out=out,
-                              outage=outage, realtime=realtime)
+                              outage=outage, realtime=realtime, video_path=None if video is None else str(video))
         import json
 
         typer.echo(json.dumps(res, indent=2))
