@@ -191,7 +191,10 @@ def prepare_precision(scorer: Any, meta: BundleMeta | Mapping[str, Any], cal: di
         choice = PrecisionChoice("fp32", "bf16", reason="no threshold")
     else:
         paths = bundle_calibration_paths(meta, cal, data)
-        images = load_stack(paths, int(scorer.img_size))
+        from .tiling import input_policy
+
+        # read as the model reads them (a tiled model: its tiles, so the agreement is counted over tiles)
+        images = load_stack(paths, int(scorer.img_size), input_policy(scorer.data, int(scorer.img_size)))
         choice = select_precision(scorer, images, float(cal["threshold"]), setting, min_agreement, flags)
     install_precision(scorer, choice.precision)
     return choice

@@ -49,6 +49,7 @@ from mae_ad.contract import (
     sha256_file,
     write_json_atomic,
 )
+from mae_ad.tiling import input_policy
 
 from .artifacts import (
     ONNX_META_KEY,
@@ -168,11 +169,12 @@ def test_images(test: Path, limit: int | None = None) -> ImageSet:
     return ImageSet(f"test ({test})", _evenly(paths, limit))
 
 
-def _batches(paths: list[Path], size: int, batch: int) -> Iterator[np.ndarray]:
+def _batches(paths: list[Path], size: int, batch: int, policy: Any = "squash") -> Iterator[np.ndarray]:
+    """Images read as the model reads them (`policy`: its resize policy, or a `TileSpec`: their tiles)."""
     from mae_ad.data import load_stack
 
     for i in range(0, len(paths), batch):
-        yield load_stack(paths[i:i + batch], size)
+        yield load_stack(paths[i:i + batch], size, policy)
 
 
 def onnx_meta(model_path: Path) -> OnnxMeta:
@@ -188,9 +190,10 @@ def onnx_meta(model_path: Path) -> OnnxMeta:
     return meta
 
 
-def score_paths(session: Any, paths: list[Path], size: int, batch: int = 8) -> np.ndarray:
-    """Scores [N] of the images at `paths` through an onnxruntime session."""
-    out = [session.run([SCORE_NAME], {INPUT_NAME: x})[0] for x in _batches(paths, size, batch)]
+def score_paths(session: Any, paths: list[Path], size: int, batch: int = 8, policy: Any = "squash") -> np.ndarray:
+    """Scores [N] of the images at `paths` through an onnxruntime session (a tiled model: one per tile, so the
+    decision agreement is counted over tiles)."""
+    out = [session.run([SCORE_NAME], {INPUT_NAME: x})[0] for x in _batches(paths, size, batch, policy)]
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
@@ -286,8 +289,8 @@ def _quiet_root() -> Iterator[None]:
 class _Reader:
     """A CalibrationDataReader over image files: one batch of `image` per call, None when done."""
 
-    def __init__(self, paths: list[Path], size: int, batch: int) -> None:
-        self._args = (paths, size, batch)
+    def __init__(self, paths: list[Path], size: int, batch: int, policy: Any = "squash") -> None:
+        self._args = (paths, size, batch, policy)
         self._it = _batches(*self._args)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -334,6 +337,7 @@ def quantize_onnx(
         raise UserError(f"{model}: ONNX file not found")
     meta = onnx_meta(model)
     size, threshold = meta.input.size, float(meta.threshold or 0.0)
+    policy = input_policy(meta.input, size)  # calibration and agreement images read as the model reads them
     if bundle is not None:
         bid = read_bundle_meta(bundle).model_id
         if bid != meta.model_id:
@@ -363,7 +367,7 @@ def quantize_onnx(
         try:
             with _quiet_root():
                 quantize_static(
-                    str(src), str(dst), _Reader(cal_set.paths, size, batch), quant_format=QuantFormat.QDQ,
+                    str(src), str(dst), _Reader(cal_set.paths, size, batch, policy), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(ops), per_channel=per_channel,
                     activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude + act, calibrate_method={"minmax": CalibrationMethod.MinMax,
@@ -381,8 +385,8 @@ def quantize_onnx(
         so.log_severity_level = 3
         s32 = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         s8 = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
-        results = [agreement(s.name, score_paths(s32, s.paths, size, batch), score_paths(s8, s.paths, size, batch),
-                             threshold) for s in sets]
+        results = [agreement(s.name, score_paths(s32, s.paths, size, batch, policy),
+                             score_paths(s8, s.paths, size, batch, policy), threshold) for s in sets]
         for r in results:
             log.info("%s", r.line())
         q8 = onnx.load(str(dst))
