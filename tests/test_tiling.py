@@ -179,3 +179,17 @@ def test_tiled_predict_writes_maps_at_the_working_size(tiled_bundle, tiled_data,
     heat = cv2.imread(str(tmp_path / "pred" / f"{img.stem}_map.png"), cv2.IMREAD_GRAYSCALE)
     assert heat.shape == (90, 90)  # 100 px at tile scale 0.9
     assert cv2.imread(str(tmp_path / "pred" / f"{img.stem}_overlay.jpg")).shape[:2] == (100, 100)
+
+
+def test_tiled_int8_calibrates_and_counts_agreement_on_tiles(tiled_bundle, tiled_data, tmp_path) -> None:
+    """int8 calibration and the decision-agreement gate read a tiled model's images as its tiles (a squashed image
+    would be another input than the graph ever scores)."""
+    from trt.export import export_onnx
+    from trt.quantize import quantize_onnx
+
+    onnx = export_onnx(tiled_bundle, tmp_path / "m.onnx", exporter="torchscript")
+    assert json.loads((tmp_path / "m.onnx.meta.json").read_text())["input"]["tile_overlap"] == 16
+    quantize_onnx(onnx, tiled_data / "train" / "good", tmp_path / "m.int8.onnx", min_agreement=0.0)
+    q = json.loads((tmp_path / "m.int8.onnx.meta.json").read_text())["quantization"]
+    # the 12 normal training images of 90 x 90 working px: 4 tiles each
+    assert q["agreement"]["calibration"]["images"] == 12 * 4
