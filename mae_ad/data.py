@@ -354,12 +354,21 @@ class ImageFolderDataset:
         if isinstance(resize, TileSpec):
             self._tiles = []
             cached = []
+            small: list[Path] = []
             for k, p in enumerate(self.paths):
                 tiles, lay = read_image_tiles(p, resize)
                 self._tiles += [(k, j) for j in range(lay.n_tiles)]
+                if min(lay.work_h, lay.work_w) < resize.size:
+                    small.append(p)
                 if cache:
                     cached.append(np.clip(tiles * 255.0 + 0.5, 0, 255).astype(np.uint8))
             self._tile_cache = np.concatenate(cached) if cache and cached else None
+            log.info("tiling: %d tiles of %d px from %d images (data.tile.scale=%g, overlap >= %d px)",
+                     len(self._tiles), resize.size, len(self.paths), resize.scale, resize.overlap)
+            if small:
+                log.warning("tiling: %d of %d images are narrower than one %d-px tile at data.tile.scale=%g (e.g. "
+                            "%s): padded by reflection, the padding ignored in scores", len(small), len(self.paths),
+                            resize.size, resize.scale, small[0])
         elif cache:
             self._cache = [read_image(p, size, resize) for p in self.paths]
 
