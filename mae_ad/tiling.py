@@ -212,14 +212,6 @@ class TiledPlacements(Sequence[Placement]):
     def n_images(self) -> int:
         return len(self.layouts)
 
-    def image_boundary(self, tile: int) -> int:
-        """The first tile of the image holding tile index `tile` (or len(self) past the end): where a split of the
-        stack keeps every image whole."""
-        for s in reversed(self.starts + [len(self)]):
-            if s <= tile:
-                return s
-        return 0
-
     def image_of_tile(self) -> np.ndarray:
         """int64 [T]: the image index of each tile."""
         return np.repeat(np.arange(self.n_images), [lay.n_tiles for lay in self.layouts])
