@@ -86,10 +86,10 @@ class PatchStatsBaseline:
 class KnnBaseline:
     """fit(normal images) then score(images) -> (maps [N, 1, H, W], scores [N]). Images: float [N, 3, H, W] in
     [0, 1] at the size the backbone was built for. `coreset_fraction` < 1 keeps that share of the memory cells
-    (greedy_coreset); distances are Euclidean in the backbone's raw (unstandardised) feature space."""
+    (greedy_coreset), `max_memory` at most that many; distances are Euclidean in the backbone's raw (unstandardised) feature space."""
 
     def __init__(self, backbone: BackboneConfig, size: int, coreset_fraction: float = 1.0, sigma: float = 4.0,
-                 tokenizer: torch.nn.Module | None = None):
+                 tokenizer: torch.nn.Module | None = None, max_memory: int | None = None):
         from .backbone import FeatureTokenizer
 
         if not 0 < coreset_fraction <= 1:
@@ -100,6 +100,7 @@ class KnnBaseline:
         self.tokenizer = tokenizer.eval()
         self.size = size
         self.coreset_fraction = coreset_fraction
+        self.max_memory = max_memory  # a greedy coreset of at most this many cells (tiled images give millions)
         self.sigma = sigma
         self.memory: torch.Tensor | None = None  # [M, C]
 
@@ -113,6 +114,8 @@ class KnnBaseline:
         f = self.cells(images)
         bank = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
         n = max(1, int(round(bank.shape[0] * self.coreset_fraction)))
+        if self.max_memory is not None:
+            n = min(n, self.max_memory)
         self.memory = bank[greedy_coreset(bank, n)] if n < bank.shape[0] else bank
         log.info("kNN baseline: memory of %d cells (%d images, coreset %.0f%%), %d channels", self.memory.shape[0],
                  len(images), 100 * self.coreset_fraction, bank.shape[1])

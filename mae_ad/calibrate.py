@@ -19,7 +19,7 @@ import torch
 from .bundle import load_bundle, staged_dir, write_bundle_files
 from .config import Config, apply_overrides, config_from_dict
 from .contract import Placement, UserError, read_calibration
-from .data import index_dataset, load_stack_placed, stats_training_paths
+from .data import index_dataset, load_stack_placed, stats_paths
 from .scoring import Scorer, calibrate
 from .tiling import TiledPlacements, TileSpec, input_policy
 
@@ -39,8 +39,8 @@ def training_stats_placed(cfg: Config, train_paths: Callable[[], list[Path]]
     """`training_stats_images` and each image's `Placement` (data.resize), or (None, None)."""
     if cfg.calibration.stats_source != "train" or cfg.scoring.normalize != "position":
         return None, None
-    arr, places = load_stack_placed(stats_training_paths(train_paths()), cfg.model.img_size,
-                                    input_policy(cfg.data, cfg.model.img_size))
+    policy = input_policy(cfg.data, cfg.model.img_size)
+    arr, places = load_stack_placed(stats_paths(train_paths(), policy), cfg.model.img_size, policy)
     return torch.from_numpy(arr), places
 
 
@@ -74,7 +74,7 @@ def fit_knn_memory(scorer: Scorer, cfg: Config, train_paths: list[Path], tokens:
     if cfg.calibration.stats_source != "train" or cfg.scoring.normalize != "position":
         return None
     index = {p: i for i, p in enumerate(train_paths)}
-    return torch.tensor([index[p] for p in stats_training_paths(train_paths)])
+    return torch.tensor([index[p] for p in stats_paths(train_paths, policy)])
 
 
 def _bundle_training_paths(data: Path, holdout: list[str]) -> list[Path]:

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from .contract import Placement, UserError, fit_image
-from .tiling import TiledPlacements, TileLayout, TileSpec, cut_tiles
+from .tiling import TiledPlacements, TileLayout, TileSpec, cut_tiles, layout
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +301,23 @@ def stats_training_paths(train_paths: list[Path], limit: int = STATS_MAX_TRAIN_I
     if len(paths) <= limit:
         return paths
     return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
+
+
+STATS_MAX_TILES = 512  # under tiling, the position-statistics images hold at most about this many tiles
+STANDARDISE_MAX_TILES = 4096  # ... and those the backbone's feature standardisation is fitted on
+
+
+def stats_paths(train_paths: list[Path], resize: str | TileSpec = "squash", max_tiles: int = STATS_MAX_TILES
+                ) -> list[Path]:
+    """`stats_training_paths`, and under tiling (`resize` a `TileSpec`) only as many evenly spaced images as hold
+    about `max_tiles` tiles (judged by the first image's tile count; at least 2 images): per-position statistics
+    of a tile position need hundreds of samples, not the tens of thousands a large training set's tiles give."""
+    paths = stats_training_paths(train_paths)
+    if isinstance(resize, TileSpec) and paths:
+        img = read_image_placed(paths[0], None)[0]
+        n = layout(int(img.shape[1]), int(img.shape[2]), resize).n_tiles
+        paths = stats_training_paths(paths, max(2, -(-max_tiles // n)))
+    return paths
 
 
 def load_stack(paths: list[Path], size: int, resize: str | TileSpec = "squash") -> np.ndarray:

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 EVAL_SIZES = ("original", "model")  # maps compared with masks at each image's own size, or at the model's input
 FPR_LIMIT = 0.3  # AUPRO integrates the PRO curve up to this false-positive rate (MVTec AD)
 N_CASES = 3  # images per case group in the report
+TILED_BASELINE_MEMORY = 8192  # memory cells of the kNN baseline beside a tiled model (at least its own knn_memory)
 ENGINES = ("auto", "torch", "onnxruntime")  # what scores the images: `app.scoring_engines` resolves auto
 
 
@@ -240,7 +241,11 @@ def _baseline_beside(scorer: Any, cal: dict[str, Any], index: Any, images: np.nd
     size = images.shape[-1]
     policy = input_policy(scorer.data, size)
     base: Any
-    if scorer.features:
+    if scorer.features and tiles is not None:  # every tile's cells: a coreset, as a full memory would not fit
+        mem = max(TILED_BASELINE_MEMORY, scorer.scoring.knn_memory)
+        base = KnnBaseline(scorer.model.cfg.backbone, size, tokenizer=scorer.model.backbone, max_memory=mem)
+        method = f"kNN on the model's backbone features (training-free, PatchCore-style, coreset of {mem} cells)"
+    elif scorer.features:
         base = KnnBaseline(scorer.model.cfg.backbone, size, tokenizer=scorer.model.backbone)
         method = "kNN on the model's backbone features (training-free, PatchCore-style, full memory)"
     else:

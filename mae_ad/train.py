@@ -269,8 +269,8 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
         load_pretrained(model, cfg.model.pretrained)
     model.to(device)
     if ckpt_tensors is None and model.frozen_cnns():  # their features are standardised on the training images
-        std_imgs = torch.from_numpy(data_mod.load_stack(data_mod.stats_training_paths(train_paths),
-                                                        cfg.model.img_size, policy))
+        std_paths = data_mod.stats_paths(train_paths, policy, data_mod.STANDARDISE_MAX_TILES)
+        std_imgs = torch.from_numpy(data_mod.load_stack(std_paths, cfg.model.img_size, policy))
         for cnn in model.frozen_cnns():
             cnn.fit_standardisation(std_imgs)
 
