@@ -105,7 +105,8 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the bundle")
     cfg, model, meta = load_bundle(bundle)
-    cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), f"{bundle} (with --set {', '.join(overrides)})")
+    source = f"{bundle} (with --set {', '.join(overrides)})" if overrides else str(bundle)
+    cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), source)
     scorer = Scorer(model, cfg.scoring, cfg.data).eval()
     arr, places = load_stack_placed(paths, cfg.model.img_size, input_policy(cfg.data, cfg.model.img_size))
     images = torch.from_numpy(arr)

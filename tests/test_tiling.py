@@ -193,3 +193,17 @@ def test_tiled_int8_calibrates_and_counts_agreement_on_tiles(tiled_bundle, tiled
     q = json.loads((tmp_path / "m.int8.onnx.meta.json").read_text())["quantization"]
     # the 12 normal training images of 90 x 90 working px: 4 tiles each
     assert q["agreement"]["calibration"]["images"] == 12 * 4
+
+
+def test_recalibrating_a_tiled_bundle_without_changes_reproduces_its_threshold(tiled_bundle, tiled_data,
+                                                                                tmp_path) -> None:
+    """`mae-ad calibrate` with no --set (it used to crash on the missing overrides) re-scores the held-back images
+    tile by tile and finds the threshold training found."""
+    out = tmp_path / "recal"
+    r = subprocess.run([sys.executable, "-m", "app.cli", "calibrate", str(tiled_bundle), "--data", str(tiled_data),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    old = json.loads((tiled_bundle / "calibration.json").read_text())
+    new = json.loads((out / "calibration.json").read_text())
+    assert new["n_tiles"] == old["n_tiles"] == 16
+    assert new["threshold"] == pytest.approx(old["threshold"], rel=1e-5)
