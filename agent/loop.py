@@ -187,8 +187,10 @@ class Agent:
             from .web import WebView
 
             self.web = WebView(self, cfg.web)
-        log.info("agent %s: model %s on %s (input %d px, threshold %s), %d camera(s)", cfg.agent_id, self.model_id,
-                 b.name, b.input_size, self.default_threshold, len(self.cams))
+        tiling = "" if self.tile is None else \
+            f", tiled: scale {self.tile.scale:g}, overlap >= {self.tile.overlap} px, one engine batch per frame"
+        log.info("agent %s: model %s on %s (input %d px%s, threshold %s), %d camera(s)", cfg.agent_id, self.model_id,
+                 b.name, b.input_size, tiling, self.default_threshold, len(self.cams))
 
     def _check_tiles(self, cameras: list[CameraSection]) -> None:
         """A tiled model: every camera's ROI (or its requested capture size), scaled by the tile scale, must hold
@@ -346,11 +348,12 @@ class Agent:
         return len(batch)
 
     def _refuse_roi(self, batch: list[tuple[CameraState, Frame]]) -> list[tuple[CameraState, Frame]]:
-        """Frames whose camera ROI lies outside the frame are not scored: logged once per camera and published as
-        the camera's status "failed" with the reason (a misplaced ROI would otherwise score a clipped sliver)."""
+        """Frames whose camera ROI lies outside the frame, or (a tiled model) that hold less than one tile at its
+        scale, are not scored: logged once per camera and published as the camera's status "failed" with the reason
+        (a misplaced ROI would otherwise score a clipped sliver, a small frame mostly padding)."""
         keep = []
         for cs, f in batch:
-            why = roi_outside(f.image.shape, cs.cam)
+            why = roi_outside(f.image.shape, cs.cam, f"cameras.{self.cfg.cameras.index(cs.cam)}.roi", self.tile)
             if why is None:
                 keep.append((cs, f))
                 self._roi_refused.discard(cs.cam.name)

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from mae_ad.contract import Placement, fit_image, score_valid
-from mae_ad.tiling import TileLayout, TileSpec, cut_tiles, reduce_stitched, stitch
+from mae_ad.tiling import TileLayout, TileSpec, cut_tiles, reduce_stitched, stitch, working_size
 
 from .config import CameraSection
 
@@ -43,15 +43,22 @@ def roi_crop(frame_shape: tuple[int, ...], cam: CameraSection) -> Crop:
     return Crop(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
 
 
-def roi_outside(frame_shape: tuple[int, ...], cam: CameraSection) -> str | None:
-    """Why the camera's ROI does not lie inside a frame of this shape (a sentence naming the key), or None."""
-    if cam.roi is None:
-        return None
+def roi_outside(frame_shape: tuple[int, ...], cam: CameraSection, key: str = "roi",
+                tile: TileSpec | None = None) -> str | None:
+    """Why a frame of this shape cannot be scored as configured (a sentence naming `key`, the camera's ROI key), or
+    None: the ROI reaches outside the frame, or (a tiled model, `tile`) the ROI or frame at the tile scale is smaller
+    than one tile."""
     fh, fw = int(frame_shape[0]), int(frame_shape[1])
     r = cam.roi
-    if r.x + r.width > fw or r.y + r.height > fh:
-        return (f"roi x={r.x} y={r.y} width={r.width} height={r.height} reaches outside the {fw}x{fh} frame "
-                f"(cameras.{cam.name}.roi)")
+    if r is not None and (r.x + r.width > fw or r.y + r.height > fh):
+        return f"{key}: x={r.x} y={r.y} width={r.width} height={r.height} reaches outside the {fw}x{fh} frame"
+    if tile is not None:
+        w, h = (r.width, r.height) if r is not None else (fw, fh)
+        wh, ww = working_size(h, w, tile.scale)
+        if wh < tile.size or ww < tile.size:
+            what = f"{key} {w}x{h}" if r is not None else f"the {fw}x{fh} frame"
+            return (f"{what} at the model's tile scale {tile.scale:g} is {ww}x{wh} px, smaller than one "
+                    f"{tile.size}-px tile")
     return None
 
 

@@ -117,8 +117,9 @@ class KnnBaseline:
         if self.max_memory is not None:
             n = min(n, self.max_memory)
         self.memory = bank[greedy_coreset(bank, n)] if n < bank.shape[0] else bank
-        log.info("kNN baseline: memory of %d cells (%d images, coreset %.0f%%), %d channels", self.memory.shape[0],
-                 len(images), 100 * self.coreset_fraction, bank.shape[1])
+        log.info("kNN baseline: memory of %d of %d cells (%d images or tiles, %.0f%% kept), %d channels",
+                 self.memory.shape[0], bank.shape[0], len(images), 100 * self.memory.shape[0] / bank.shape[0],
+                 bank.shape[1])
         return self
 
     @torch.no_grad()

@@ -225,8 +225,8 @@ class ScoringConfig(Section):
 class TileConfig(Section):
     """data.tile (data.resize=tile): how an image becomes tiles of the model's input size (mae_ad.tiling)."""
 
-    scale: float = Field(1.0, gt=0, le=16, description="working size / image size before tiling (1 = native "
-                         "resolution; 0.5 halves each side)")
+    scale: float = Field(1.0, gt=0, le=16, allow_inf_nan=False, description="working size / image size before "
+                         "tiling (1 = native resolution; 0.5 halves each side)")
     overlap: int = Field(32, ge=0, description="minimum overlap of neighbouring tiles in working pixels (smaller "
                          "than model.img_size)")
 
@@ -326,9 +326,10 @@ class Config(Section):
         if self.train.schedule == "time" and not self.train.max_minutes:
             raise ValueError("train.schedule=time needs train.max_minutes")
         check_partition(self.model.grid_size, self.scoring.num_masks, self.scoring.pattern)
-        if self.data.tile is not None and self.data.tile.overlap >= self.model.img_size:
-            raise ValueError(f"data.tile.overlap: {self.data.tile.overlap} must be smaller than the tile, "
-                             f"model.img_size={self.model.img_size}")
+        if self.data.tile is not None and self.data.tile.overlap > self.model.img_size // 2:
+            raise ValueError(f"data.tile.overlap: {self.data.tile.overlap} must be at most half the tile "
+                             f"(model.img_size={self.model.img_size}: at most {self.model.img_size // 2}); a larger "
+                             "overlap multiplies the tiles per image without showing the model anything new")
         if self.model.in_chans not in (1, 3):
             raise ValueError(f"model.in_chans: {self.model.in_chans} is not supported; use 3 (RGB) or 1 (grayscale: "
                              "the model sees the mean of the normalised channels)")

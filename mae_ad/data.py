@@ -303,6 +303,12 @@ def stats_training_paths(train_paths: list[Path], limit: int = STATS_MAX_TRAIN_I
     return [paths[int(i)] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
 
 
+def warn_small_tiled(n_small: int, n: int, spec: TileSpec, example: Path | str) -> None:
+    """Log that `n_small` of `n` images are smaller than one tile at the tile scale on a side (padded)."""
+    log.warning("tiling: %d of %d images are smaller than one %d-px tile at data.tile.scale=%g on a side (e.g. %s): "
+                "padded by reflection, the padding ignored in scores", n_small, n, spec.size, spec.scale, example)
+
+
 STATS_MAX_TILES = 512  # under tiling, the position-statistics images hold at most about this many tiles
 STANDARDISE_MAX_TILES = 4096  # ... and those the backbone's feature standardisation is fitted on
 
@@ -383,9 +389,7 @@ class ImageFolderDataset:
             log.info("tiling: %d tiles of %d px from %d images (data.tile.scale=%g, overlap >= %d px)",
                      len(self._tiles), resize.size, len(self.paths), resize.scale, resize.overlap)
             if small:
-                log.warning("tiling: %d of %d images are narrower than one %d-px tile at data.tile.scale=%g (e.g. "
-                            "%s): padded by reflection, the padding ignored in scores", len(small), len(self.paths),
-                            resize.size, resize.scale, small[0])
+                warn_small_tiled(len(small), len(self.paths), resize, small[0])
         elif cache:
             self._cache = [read_image(p, size, resize) for p in self.paths]
 

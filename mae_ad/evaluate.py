@@ -45,6 +45,7 @@ from .data import (
     read_display_bgr,
     read_image_placed,
     read_mask,
+    warn_small_tiled,
 )
 from .tiling import TiledPlacements, TileSpec, input_policy, reduce_stitched, stitched_to_source
 
@@ -321,6 +322,10 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
         stack, tile_places = load_stack_placed([s.path for s in samples], size, policy)
         assert isinstance(tile_places, TiledPlacements)
         tiles = tile_places
+        small = [s.path for s, lay in zip(samples, tiles.layouts, strict=True)
+                 if min(lay.work_h, lay.work_w) < policy.size]
+        if small:
+            warn_small_tiled(len(small), len(samples), policy, small[0])
     t_io = time.perf_counter() - t_io
 
     import torch
@@ -511,8 +516,12 @@ def _write_plots(d: Path, scorer: Any, samples: list[Sample], images: np.ndarray
 
 
 def _reconstruct(scorer: Any, images: np.ndarray) -> np.ndarray | None:
-    """The K-mask reconstructions [N, 3, H, W], or None for a feature-space model (nothing to show as an image)."""
+    """The K-mask reconstructions [N, 3, H, W], or None for a feature-space model (nothing to show as an image) or a
+    tiled one (the plots' squashed thumbnails are not an input it scores)."""
     import torch
+
+    if getattr(scorer.data, "resize", "squash") == "tile":
+        return None
 
     rec = scorer.reconstruction(torch.from_numpy(np.ascontiguousarray(images)))
     return None if rec is None else rec.cpu().numpy()
@@ -769,6 +778,9 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
             chunk = files[i:i + step]
             if isinstance(policy, TileSpec):  # the stitched map at working resolution
                 tiles, tplaces = load_stack_placed(chunk, size, policy)
+                lay = tplaces.layouts[0]  # type: ignore[attr-defined]
+                if min(lay.work_h, lay.work_w) < policy.size:
+                    warn_small_tiled(1, 1, policy, chunk[0])
                 maps, _ = _score_all(engine, tiles, max(batch_size, len(tiles)))
                 valid = tplaces.stitched(maps)  # type: ignore[attr-defined]
                 sc = np.array([reduce_stitched(a, scorer.scoring.reduce, scorer.scoring.topk_fraction)

@@ -35,7 +35,7 @@ from .contract import Placement
 @dataclass(frozen=True)
 class TileSpec:
     """size: tile side in working pixels (= model.img_size); overlap: minimum overlap of neighbouring tiles in working
-    pixels (0 <= overlap < size); scale: working size / original size (> 0; 1 = native resolution)."""
+    pixels (0 <= overlap <= size / 2); scale: working size / original size (> 0; 1 = native resolution)."""
 
     size: int
     overlap: int
@@ -44,8 +44,8 @@ class TileSpec:
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"tile size {self.size}: must be at least 1")
-        if not 0 <= self.overlap < self.size:
-            raise ValueError(f"data.tile.overlap: {self.overlap} must be at least 0 and smaller than the tile "
+        if not 0 <= self.overlap <= self.size // 2:
+            raise ValueError(f"data.tile.overlap: {self.overlap} must be at least 0 and at most half the tile "
                              f"({self.size} px, model.img_size)")
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ValueError(f"data.tile.scale: {self.scale} must be a positive number")

@@ -98,9 +98,9 @@ def test_config_refuses_a_letterboxed_tile_and_an_overlap_as_large_as_the_tile(t
     r = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 2 and "data.tile is set but data.resize is 'letterbox'" in r.stderr
     assert "Traceback" not in r.stderr
-    cfg.write_text("model: {img_size: 64}\ndata: {resize: tile, tile: {overlap: 64}}\n")
+    cfg.write_text("model: {img_size: 64}\ndata: {resize: tile, tile: {overlap: 33}}\n")
     r = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(cfg)], capture_output=True, text=True)
-    assert r.returncode == 2 and "data.tile.overlap: 64 must be smaller than the tile" in r.stderr
+    assert r.returncode == 2 and "data.tile.overlap: 33 must be at most half the tile" in r.stderr
     cfg.write_text("model: {img_size: 64}\ndata: {resize: tile, tile: {scale: 0}}\n")
     r = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 2 and "scale" in r.stderr

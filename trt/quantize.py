@@ -345,8 +345,9 @@ def quantize_onnx(
                             "held-back images are only known for its own bundle")
     cal_set = calibration_images(images, Path(bundle) if bundle is not None else None, max_images)
     sets = [cal_set] + ([test_images(Path(test), max_images)] if test is not None else [])
-    log.info("calibrating int8 (%s, %s, %s) on %d normal images", target, method,
-             "per channel" if per_channel else "per tensor", len(cal_set.paths))
+    log.info("calibrating int8 (%s, %s, %s) on %d normal images%s", target, method,
+             "per channel" if per_channel else "per tensor", len(cal_set.paths),
+             "" if isinstance(policy, str) else " (a tiled model: their tiles; decisions are counted per tile)")
 
     proto = _named(onnx.load(str(model)))
     exclude = knn_matmuls(proto) if keep_knn_fp32 else []

@@ -120,3 +120,19 @@ def test_roi_outside_the_frame_at_run_time_is_named_and_not_scored(tmp_path, bro
         at.stop()
     assert at.agent.frames_scored == 0 and not recorder.json("score")
     assert sum("reaches outside the 320x192 frame" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_frames_smaller_than_a_tile_are_refused_with_the_key_named() -> None:
+    from agent.config import CameraSection, RoiSection
+    from agent.preprocess import roi_outside
+    from mae_ad.tiling import TileSpec
+
+    spec = TileSpec(64, 16, 0.5)
+    cam = CameraSection(name="c", source="x.avi")
+    assert roi_outside((192, 320, 3), cam, "cameras.0.roi", spec) is None  # 160 x 96 working px: tiles fit
+    why = roi_outside((100, 320, 3), cam, "cameras.0.roi", spec)
+    assert why is not None and "the 320x100 frame at the model's tile scale 0.5 is 160x50 px" in why
+    roi = CameraSection(name="c", source="x.avi", roi=RoiSection(x=0, y=0, width=100, height=200))
+    why = roi_outside((192, 320, 3), roi, "cameras.0.roi", None)
+    assert why is not None and why.startswith("cameras.0.roi: x=0 y=0") and "outside the 320x192 frame" in why
+    assert roi_outside((256, 320, 3), roi, "cameras.0.roi", None) is None
