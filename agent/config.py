@@ -113,6 +113,8 @@ class ModelSection(Section):
     path: str | None = Field(None, description="bundle dir (torch), .onnx (onnxruntime), .plan (tensorrt)")
     threads: int | None = Field(None, ge=1, description="CPU threads of the engine (None: its default)")
     max_batch: int | None = Field(None, ge=1, description="largest batch sent to the engine (None: the engine's)")
+    tile_batch: int = Field(8, ge=1, description="a tiled model: at most this many tiles per engine call (memory grows "
+                            "with the batch: about 0.5 GB a tile for 32x32-token tiles under ONNX Runtime)")
     device: str | None = None
     threshold: float | None = Field(None, description="overrides the model's calibrated threshold (all cameras)")
     input_size: int = Field(64, ge=8, description="only for backend=brightness (the test/demo engine)")

@@ -397,14 +397,15 @@ class Agent:
             log.info("first frame scored %.2f s after start", self.first_score_s)
 
     def _score_tiled(self, batch: list[tuple[CameraState, Frame]]) -> None:
-        """A tiled model: the tiles of every frame in `batch` go through the engine together (in chunks of the
-        engine's max batch), each frame's map is their stitched map (`stitched_view`)."""
+        """A tiled model: the tiles of every frame in `batch` go through the engine together, in chunks of at most
+        model.tile_batch (and the engine's max batch) tiles; each frame's map is their stitched map
+        (`stitched_view`)."""
         assert self.backend is not None and self.tile is not None
         t0 = time.monotonic()
         prepped = [preprocess_tiles(f.image, cs.cam, self.tile) for cs, f in batch]
         x = np.concatenate([p[0] for p in prepped])
         t1 = time.monotonic()
-        mb = self.backend.max_batch or len(x)
+        mb = min(self.backend.max_batch or len(x), self.cfg.model.tile_batch)
         maps = np.concatenate([Prediction.checked(*self.backend.infer(x[i:i + mb]), f"backend {self.backend.name}").maps
                                for i in range(0, len(x), mb)])
         t2 = time.monotonic()

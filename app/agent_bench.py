@@ -27,11 +27,19 @@ def _model_section(model: str | None, backend: str | None, threads: int | None) 
     return {"backend": kind, "path": model, "threads": threads}
 
 
-def _bare_fps(be: Any, batch: np.ndarray, seconds: float) -> dict[str, float]:
-    be.infer(batch)  # warm-up
+def _bare_fps(be: Any, batch: np.ndarray, seconds: float, chunk: int | None = None) -> dict[str, float]:
+    """Batches of `batch` per second through `be`, each sent in pieces of at most `chunk` items (a tiled model's
+    tiles, as the agent sends them)."""
+    step = chunk or batch.shape[0]
+
+    def once() -> None:
+        for i in range(0, batch.shape[0], step):
+            be.infer(batch[i:i + step])
+
+    once()  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        be.infer(batch)
+        once()
         n += 1
     dt = time.perf_counter() - t0
     return {"fps": n * batch.shape[0] / dt, "ms_per_batch": 1000 * dt / n, "batches": n}
@@ -111,8 +119,10 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
         res["model_id"], res["input_size"] = be.meta.model_id, be.input_size
         tiles = _tiled_batch(be, video["path"])
         batch = _frames_for(be, cameras) if tiles is None else np.concatenate([tiles] * cameras)
-        res["bare"] = _bare_fps(be, batch, seconds)
-        if tiles is not None:  # one batch holds `cameras` frames of T tiles each: frames/s
+        chunk = None if tiles is None else min(be.max_batch or len(batch), ModelSection(**msec).tile_batch)
+        res["bare"] = _bare_fps(be, batch, seconds, chunk)
+        if tiles is not None:
+            res["tile_batch"] = chunk  # one batch holds `cameras` frames of T tiles each: frames/s
             res["tiles_per_frame"] = int(tiles.shape[0])
             res["bare"]["fps"] *= cameras / batch.shape[0]
             res["bare"]["tiles_per_s"] = res["bare"]["fps"] * tiles.shape[0]

@@ -59,7 +59,7 @@ def test_tiled_agent_alerts_on_a_small_defect_with_one_batch_per_frame(tmp_path,
 
     video = _video(tmp_path / "wide.avi")
     cfg = agent_cfg(tmp_path, broker.port, [{"name": "line", "source": str(video), "loop": False}],
-                    mqtt={"heatmap_interval_s": 0.0001})
+                    mqtt={"heatmap_interval_s": 0.0001}, model={"tile_batch": 32})
     backend = CountingTiledBackend()
     at = AgentThread(cfg, backend).start()
     try:
@@ -79,16 +79,19 @@ def test_tiled_agent_alerts_on_a_small_defect_with_one_batch_per_frame(tmp_path,
 
 
 @pytest.mark.broker
-def test_tiled_agent_chunks_tiles_by_the_engines_max_batch(tmp_path, broker, recorder) -> None:
+@pytest.mark.parametrize("max_batch,expect", [(None, 8), (5, 5)])
+def test_tiled_agent_chunks_tiles_by_tile_batch_and_the_engines_max_batch(tmp_path, broker, recorder, max_batch,
+                                                                           expect) -> None:
+    """model.tile_batch (default 8) bounds the tiles per engine call (memory), and so does the engine's max batch."""
     video = _video(tmp_path / "wide.avi", n=12)
     cfg = agent_cfg(tmp_path, broker.port, [{"name": "line", "source": str(video), "loop": False}])
-    backend = CountingTiledBackend(max_batch=8)
+    backend = CountingTiledBackend(max_batch=max_batch)
     at = AgentThread(cfg, backend).start()
     try:
         assert wait_until(lambda: "line" in at.agent.cams and at.agent.cams["line"].reader.status == "ended", 30)
     finally:
         at.stop()
-    assert at.agent.frames_scored > 0 and max(backend.batches) == 8 and sum(backend.batches) % 28 == 0
+    assert at.agent.frames_scored > 0 and max(backend.batches) == expect and sum(backend.batches) % 28 == 0
 
 
 def test_tiled_agent_refuses_an_roi_smaller_than_a_tile(tmp_path) -> None:
