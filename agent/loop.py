@@ -378,14 +378,7 @@ class Agent:
         t1 = time.monotonic()
         maps, scores = Prediction.checked(*self.backend.infer(x), f"backend {self.backend.name}")
         t2 = time.monotonic()
-        n = len(batch)
-        self.batches += 1
-        self.frames_scored += n
-        self._engine_win[0] += t2 - t1
-        self._engine_win[1] += 1
-        self._engine_win[2] += n
-        self.timer.add("preprocess", (t1 - t0) / n, n)
-        self.timer.add("engine", (t2 - t1) / n, n)
+        n = self._count_batch(len(batch), t0, t1, t2)
         for j, (cs, f) in enumerate(batch):
             self.timer.add("capture", t0 - f.t_read_start)
             amap, rgb, score = valid_view(maps[j], prepped[j][2], float(scores[j]), prepped[j][1], self.reduce,
@@ -395,6 +388,18 @@ class Agent:
         if self.first_score_s is None:
             self.first_score_s = time.monotonic() - self.t_start
             log.info("first frame scored %.2f s after start", self.first_score_s)
+
+    def _count_batch(self, n: int, t0: float, t1: float, t2: float) -> int:
+        """Count one engine turn of `n` frames (preprocessing t0-t1, engine t1-t2) in the counters and stage timers.
+        Returns n."""
+        self.batches += 1
+        self.frames_scored += n
+        self._engine_win[0] += t2 - t1
+        self._engine_win[1] += 1
+        self._engine_win[2] += n
+        self.timer.add("preprocess", (t1 - t0) / n, n)
+        self.timer.add("engine", (t2 - t1) / n, n)
+        return n
 
     def _score_tiled(self, batch: list[tuple[CameraState, Frame]]) -> None:
         """A tiled model: the tiles of every frame in `batch` go through the engine together, in chunks of at most
@@ -409,14 +414,7 @@ class Agent:
         maps = np.concatenate([Prediction.checked(*self.backend.infer(x[i:i + mb]), f"backend {self.backend.name}").maps
                                for i in range(0, len(x), mb)])
         t2 = time.monotonic()
-        n = len(batch)
-        self.batches += 1
-        self.frames_scored += n
-        self._engine_win[0] += t2 - t1
-        self._engine_win[1] += 1
-        self._engine_win[2] += n
-        self.timer.add("preprocess", (t1 - t0) / n, n)
-        self.timer.add("engine", (t2 - t1) / n, n)
+        n = self._count_batch(len(batch), t0, t1, t2)
         k = 0
         for (cs, f), (_, crop, lay, rgb) in zip(batch, prepped, strict=True):
             self.timer.add("capture", t0 - f.t_read_start)
