@@ -112,7 +112,7 @@ def _bundle(tmp_path: Path, meta: dict) -> Path:
     ({"kind": "mae_ad.onnx"}, "kind", "Input should be 'mae_ad.bundle'"),
     ({"model_id": None}, "model_id", "valid string"),
     ({"input": {"size": "32"}}, "input.size", "valid integer"),
-    ({"input": {"size": 32, "resize": "tiles"}}, "input.resize", "'squash' or 'letterbox'"),
+    ({"input": {"size": 32, "resize": "tiles"}}, "input.resize", "'squash', 'letterbox' or 'tile'"),
     ({"merged": "yes"}, "merged", "valid boolean"),
     ({"scoring": {"reduce": "median"}}, "scoring.reduce", "'max' or 'topk_mean'"),
 ])
