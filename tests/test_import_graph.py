@@ -2,7 +2,7 @@
 
     mae_ad  imports nothing of trt, agent or app
     trt     imports mae_ad only
-    agent   imports mae_ad.contract only (and never torch)
+    agent   imports mae_ad.contract and its tile geometry mae_ad.tiling only (and never torch)
     app     the wiring: may import everything; nothing imports it
 
 Checked twice: statically, over every `import` statement of every module (including the lazy ones inside
@@ -25,7 +25,9 @@ PACKAGES = ("mae_ad", "trt", "agent", "app")
 ALLOWED = {
     "mae_ad": set(),
     "trt": {"mae_ad.*"},
-    "agent": {"mae_ad", "mae_ad.contract"},  # `mae_ad`: the package __init__, which importing contract runs
+    # `mae_ad`: the package __init__, which importing contract runs; `mae_ad.tiling`: how an image becomes the tiles
+    # a tiled model's graph takes (torch-free, imports only mae_ad.contract), the same in training and the agent
+    "agent": {"mae_ad", "mae_ad.contract", "mae_ad.tiling"},
     "app": {"mae_ad.*", "trt.*", "agent.*"},
 }
 
