@@ -227,8 +227,8 @@ class TileConfig(Section):
 
     scale: float = Field(1.0, gt=0, le=16, allow_inf_nan=False, description="working size / image size before "
                          "tiling (1 = native resolution; 0.5 halves each side)")
-    overlap: int = Field(32, ge=0, description="minimum overlap of neighbouring tiles in working pixels (smaller "
-                         "than model.img_size)")
+    overlap: int = Field(32, ge=0, description="minimum overlap of neighbouring tiles in working pixels (at most "
+                         "model.img_size / 2)")
 
 
 class DataConfig(Section):
