@@ -381,7 +381,7 @@ class ImageFolderDataset:
             for k, p in enumerate(self.paths):
                 tiles, lay = read_image_tiles(p, resize)
                 self._tiles += [(k, j) for j in range(lay.n_tiles)]
-                if min(lay.work_h, lay.work_w) < resize.size:
+                if lay.padded:
                     small.append(p)
                 if cache:
                     cached.append(np.clip(tiles * 255.0 + 0.5, 0, 255).astype(np.uint8))

@@ -323,7 +323,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
         assert isinstance(tile_places, TiledPlacements)
         tiles = tile_places
         small = [s.path for s, lay in zip(samples, tiles.layouts, strict=True)
-                 if min(lay.work_h, lay.work_w) < policy.size]
+                 if lay.padded]
         if small:
             warn_small_tiled(len(small), len(samples), policy, small[0])
     t_io = time.perf_counter() - t_io
@@ -779,7 +779,7 @@ def run_predict(bundle: str | os.PathLike[str], images: list[Path], out: str | o
             if isinstance(policy, TileSpec):  # the stitched map at working resolution
                 tiles, tplaces = load_stack_placed(chunk, size, policy)
                 lay = tplaces.layouts[0]  # type: ignore[attr-defined]
-                if min(lay.work_h, lay.work_w) < policy.size:
+                if lay.padded:
                     warn_small_tiled(1, 1, policy, chunk[0])
                 maps, _ = _score_all(engine, tiles, max(batch_size, len(tiles)))
                 valid = tplaces.stitched(maps)  # type: ignore[attr-defined]

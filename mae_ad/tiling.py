@@ -101,6 +101,11 @@ class TileLayout:
     def n_tiles(self) -> int:
         return len(self.offsets)
 
+    @property
+    def padded(self) -> bool:
+        """Whether the working image is smaller than one tile on a side (padded by reflection)."""
+        return min(self.work_h, self.work_w) < self.size
+
     def tile_placement(self, i: int) -> Placement:
         """Tile i's valid region (the image, not the padding) as a `Placement` in the S x S input."""
         top, left = self.offsets[i]
