@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 # The embedded default, the feature-space recipe family of configs/magnetic-tile.yaml at demo scale: a 4-block
 # ViT-Tiny-wide MAE over the cells of the frozen ImageNet EfficientNet-Lite0 (stride 8 and 16 levels on a 16x16 grid
-# at 128 px), fused with the in-graph kNN memory (balanced: each map scaled by its held-back normal spread), for two
-# CPU minutes.
+# at 128 px), fused with the in-graph kNN memory (inverse_variance: each map divided by the variance of its image score
+# on the held-back normals), for two CPU minutes. The demo's square synthetic parts are squashed, not tiled: they have
+# one aspect ratio, and a whole 128-px frame is one model input.
 DEMO_OVERRIDES = [
     "name=demo-tile",
     "model.preset=tiny-p8",
@@ -39,7 +40,7 @@ DEMO_OVERRIDES = [
     "scoring.pattern=grid",
     "scoring.normalize=position",
     "scoring.knn_weight=1.0",
-    "scoring.fusion=balanced",
+    "scoring.fusion=inverse_variance",
     "scoring.sigma=2.0",
     "train.mask_mode=mixed",
     "train.epochs=400",

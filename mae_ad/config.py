@@ -215,7 +215,11 @@ class ScoringConfig(Section):
     # fitted at calibration. The per-pixel statistics of the reconstruction map come from images the MAE was trained
     # on (calibration.stats_source=train), so on unseen normal images its z-scores run larger than the kNN map's
     # (leave-one-image-out statistics, unbiased) and the sum follows the reconstruction's normal variation.
-    fusion: Literal["sum", "balanced"] = "sum"
+    # inverse_variance: each term divided by the variance of its image score over the held-back normal images (its
+    # standard deviation squared), the minimum-variance weighting of two measurements of the same anomaly in z-units
+    # (Fisher's discriminant with equal mean shifts and a diagonal covariance): the term that varies more on normal
+    # images it has not seen counts for less, more steeply than under balanced.
+    fusion: Literal["sum", "balanced", "inverse_variance"] = "sum"
     # Pixel space: map = (1 - w) * squared pixel error + w * squared error of the standardised features of
     # model.perceptual between the input and its K-mask reconstruction (1 = perceptual error instead of pixels).
     perceptual_weight: float = Field(0.0, ge=0, le=1, description="share of the perceptual (backbone feature) "
@@ -346,10 +350,10 @@ class Config(Section):
                              "model.perceptual.name=efficientnet_lite0)")
         if self.scoring.knn_weight > 0 and self.model.backbone is None:
             raise ValueError("scoring.knn_weight > 0 needs feature tokens: set model.backbone")
-        if self.scoring.fusion == "balanced" and not (self.scoring.knn_weight > 0
-                                                      and self.scoring.normalize == "position"):
-            raise ValueError("scoring.fusion=balanced needs two maps in z-score units: scoring.knn_weight > 0 and "
-                             "scoring.normalize=position")
+        if self.scoring.fusion != "sum" and not (self.scoring.knn_weight > 0
+                                                 and self.scoring.normalize == "position"):
+            raise ValueError(f"scoring.fusion={self.scoring.fusion} needs two maps in z-score units: "
+                             "scoring.knn_weight > 0 and scoring.normalize=position")
         if self.scoring.gmm_weight > 0 and self.model.gmm_components == 0:
             raise ValueError("scoring.gmm_weight > 0 needs a GMM head: set model.gmm_components (e.g. 4)")
         return self

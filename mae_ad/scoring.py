@@ -151,9 +151,10 @@ class Scorer(nn.Module):
             self.register_buffer("knn_mean", torch.zeros(1, 1, size, size))
             self.register_buffer("knn_std", torch.ones(1, 1, size, size))
             self.knn_owner: torch.Tensor | None = None  # [M] source image of each cell (calibration only)
-        # scoring.fusion=balanced: [2] = divisors of the reconstruction and kNN z-maps (held-back normal image-score
-        # std of each; set by `calibrate`); 1, 1 = a plain sum
-        self.balanced = sc.fusion == "balanced"
+        # scoring.fusion=balanced / inverse_variance: [2] = divisors of the reconstruction and kNN z-maps (held-back
+        # normal image-score std, or its square, of each; set by `calibrate`); 1, 1 = a plain sum
+        self.balanced = sc.fusion in ("balanced", "inverse_variance")
+        self.fusion_power = 2 if sc.fusion == "inverse_variance" else 1
         self.register_buffer("fuse_scale", torch.ones(2))
 
     # --- pieces ---------------------------------------------------------------------------------------------
@@ -433,7 +434,8 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     statistics from the same images, and `stats_owner` [N] (the memory owner id of each training stats image)
     keeps each training image from matching its own cells.
     With scoring.fusion=balanced each of the two z-maps is divided by the standard deviation of its image score over
-    the threshold images (`fuse_scale`) before they are added; the threshold is then taken on the fused scores.
+    the threshold images (`fuse_scale`) before they are added; with inverse_variance by its variance (the squared
+    standard deviation); the threshold is then taken on the fused scores.
     `placements` (data.resize=letterbox: each of `images`' `contract.Placement`): threshold scores are taken over
     each image's valid region only (`contract.score_valid`), as evaluation, predict and the agent take them, and
     the per-pixel statistics count each image only where it is valid (`stats_placements`: those of `stats_images`).
@@ -481,9 +483,11 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
         recon, knn = (torch.cat([p[j] for p in parts]) for j in (0, 1))
         spreads = [float(np.std(sc, ddof=1)) if sc.size > 1 else 1.0
                    for sc in (_image_scores(scorer, t, held_places) for t in (recon, knn))]
-        scorer.fuse_scale.copy_(torch.tensor(spreads).clamp_min(1e-6).to(scorer.fuse_scale))
-        fusion = {"fusion": "balanced", "fusion_scale_reconstruction": float(scorer.fuse_scale[0]),
-                  "fusion_scale_knn": float(scorer.fuse_scale[1])}
+        divisors = [max(v, 1e-6) ** scorer.fusion_power for v in spreads]
+        scorer.fuse_scale.copy_(torch.tensor(divisors).clamp_min(1e-12).to(scorer.fuse_scale))
+        fusion = {"fusion": scorer.scoring.fusion, "fusion_scale_reconstruction": float(scorer.fuse_scale[0]),
+                  "fusion_scale_knn": float(scorer.fuse_scale[1]),
+                  "fusion_spread_reconstruction": spreads[0], "fusion_spread_knn": spreads[1]}
         # the fused maps of the same images, formed as `forward` forms them (no second scoring pass)
         thr_maps = recon / scorer.fuse_scale[0] + scorer.knn_weight * knn / scorer.fuse_scale[1]
     else:

@@ -1,8 +1,8 @@
 """The two z-maps of a feature-space bundle with the kNN term, scored apart (research aid for issue 10; BENCHMARKS.md,
 "Feature space at 320 px"): each term's image-score spread on the bundle's held-back normal images (what
 scoring.fusion=balanced divides by), then test-split metrics at the model's input size for the reconstruction term
-alone, the kNN term alone, their plain sum and their balanced sum. Test labels are read: a diagnostic, not a
-calibration.
+alone, the kNN term alone, their plain sum and their balanced sum (a tiled bundle: stitched maps, pixel metrics at
+each image's own size). Test labels are read: a diagnostic, not a calibration.
 
     python scripts/fusion_terms.py runs/mtf320 --data ../shared/data/magnetic_tile
 """
@@ -14,21 +14,27 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mae_ad import data as D, metrics as M  # noqa: E402
+from mae_ad import data as D  # noqa: E402
+from mae_ad import metrics as M  # noqa: E402
 from mae_ad.bundle import load_scorer  # noqa: E402
 from mae_ad.evaluate import _load_test_set  # noqa: E402
+from mae_ad.tiling import TiledPlacements, spec_from, stitched_to_source  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle")
     ap.add_argument("--data", required=True)
+    ap.add_argument("--weights", type=float, nargs="*", default=[],
+                    help="extra rows: the balanced sum with the reconstruction term scaled by each weight")
     a = ap.parse_args()
     torch.set_num_threads(2)
     sc, cal, _ = load_scorer(a.bundle, require_calibration=True)
     if sc.knn_weight <= 0 or not sc.normalize:
         sys.exit(f"{a.bundle}: needs scoring.knn_weight > 0 and scoring.normalize=position")
     size = sc.img_size
+    spec = spec_from(cfg_data(a.bundle), size)
+    policy = spec if spec is not None else "squash"
 
     def terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r, k = [], []
@@ -39,24 +45,60 @@ def main() -> None:
                 k.append(kk)
         return torch.cat(r), sc.knn_weight * torch.cat(k)
 
-    held = torch.from_numpy(D.load_stack([Path(a.data) / h for h in cal["holdout_images"]], size))
-    rh, kh = terms(held)
-    s_r, s_k = (float(t.flatten(1).amax(1).std()) for t in (rh, kh))
-    print(f"held-back normals ({len(held)}): image-score std reconstruction {s_r:.2f}, kNN {s_k:.2f}")
+    def image_maps(m: torch.Tensor, places) -> list[np.ndarray]:
+        """[N or T, 1, S, S] -> one map per image (stitched for a tiled bundle)."""
+        if isinstance(places, TiledPlacements):
+            return places.stitched(m)
+        return list(m.numpy()[:, 0])
+
+    held_x, held_pl = D.load_stack_placed([Path(a.data) / h for h in cal["holdout_images"]], size, policy)
+    rh, kh = terms(torch.from_numpy(held_x))
+    s_r, s_k = (float(np.std([x.max() for x in image_maps(t, held_pl)], ddof=1)) for t in (rh, kh))
+    print(f"held-back normals ({len(cal['holdout_images'])}): image-score std reconstruction {s_r:.2f}, kNN {s_k:.2f}")
     idx = D.index_dataset(a.data, need_test=True)
-    x, masks = _load_test_set(idx.test, size)[:2]
     lab = np.array([s.label for s in idx.test])
     types = [s.defect for s in idx.test]
-    r, k = terms(torch.from_numpy(x))
-    for tag, m in (("reconstruction alone", r), ("kNN alone", k), ("plain sum", r + k),
-                   ("balanced", r / s_r + k / s_k)):
-        s = m.flatten(1).amax(1).numpy()
-        mp = m.numpy()[:, 0]
+    if spec is None:
+        x, masks = _load_test_set(idx.test, size)[:2]
+        r, k = terms(torch.from_numpy(x))
+        rm, km, mk = image_maps(r, None), image_maps(k, None), list(masks)
+    else:  # per image, stitched; pixel metrics at each image's own size
+        rm, km, mk = [], [], []
+        for smp in idx.test:
+            xt, lay = D.read_image_tiles(smp.path, spec)
+            pl = TiledPlacements([lay])
+            r, k = terms(torch.from_numpy(xt))
+            rm.append(pl.stitched(r)[0])
+            km.append(pl.stitched(k)[0])
+            m = np.zeros((lay.src_h, lay.src_w), bool)
+            if smp.mask is not None:
+                m = D.read_mask(smp.mask, expect_shape=(lay.src_h, lay.src_w)) > 0.5
+            mk.append((m, lay))
+    for tag, wr, wk in (("reconstruction alone", 1, 0), ("kNN alone", 0, 1), ("plain sum", 1, 1),
+                        ("balanced", 1 / s_r,
+                         1 / s_k),
+                        ("inverse variance", 1 / s_r ** 2,
+                         1 / s_k ** 2),
+                        *((f"balanced, reconstruction x{w}", w / s_r,
+                           1 / s_k) for w in a.weights)):
+        maps = [wr * r_ + wk * k_ for r_, k_ in zip(rm, km, strict=True)]
+        s = np.array([m.max() for m in maps])
         per = {t: round(M.auroc(lab[sel], s[sel]), 3) for t in sorted(set(types) - {"good"})
                for sel in [np.array([y in ("good", t) for y in types])]}
-        print(f"{tag:22s} image AUROC {M.auroc(lab, s):.3f}  pixel AUROC {M.pixel_auroc(masks, mp):.3f}  "
-              f"AUPRO {M.aupro(masks, mp):.3f}  {per}", flush=True)
+        if spec is None:
+            pix = (M.pixel_auroc(np.stack(mk), np.stack(maps)), M.aupro(np.stack(mk), np.stack(maps)))
+        else:
+            ms = [m for m, _ in mk]
+            up = [stitched_to_source(mp, lay) for mp, (_, lay) in zip(maps, mk, strict=True)]
+            pix = (M.pixel_auroc(ms, up), M.aupro(ms, up))
+        print(f"{tag:22s} image AUROC {M.auroc(lab, s):.3f}  pixel AUROC {pix[0]:.3f}  "
+              f"AUPRO {pix[1]:.3f}  {per}", flush=True)
 
+
+def cfg_data(bundle: str):
+    from mae_ad.bundle import load_bundle_config
+
+    return load_bundle_config(bundle).data
 
 if __name__ == "__main__":
     main()

@@ -189,6 +189,42 @@ def test_balanced_fusion_scales_each_term_by_its_held_back_spread(feature_bundle
     assert json.loads((tmp_path / "bal.onnx.meta.json").read_text())["threshold"] == pytest.approx(cal["threshold"])
 
 
+def test_inverse_variance_fusion_divides_each_term_by_its_held_back_variance(feature_bundle, synthetic_data,
+                                                                              tmp_path) -> None:
+    """scoring.fusion=inverse_variance: each z-map is divided by the variance of its image score over the held-back
+    normal images, the square of what balanced divides by on the same images, so the noisier term counts for less;
+    the fused map is what the graph computes and the threshold is taken on it."""
+    from mae_ad.bundle import load_scorer
+    from mae_ad.calibrate import recalibrate
+    from mae_ad.data import load_stack
+
+    bal, _, _ = load_scorer(recalibrate(feature_bundle, synthetic_data, tmp_path / "bal", ["scoring.fusion=balanced"]))
+    out = recalibrate(feature_bundle, synthetic_data, tmp_path / "iv", ["scoring.fusion=inverse_variance"])
+    scorer, cal, _ = load_scorer(out, require_calibration=True)
+    assert cal["fusion"] == "inverse_variance" and "fuse_scale" in scorer.calibration_tensors()
+    assert torch.allclose(scorer.fuse_scale, bal.fuse_scale**2, rtol=1e-4)
+    assert cal["fusion_spread_knn"] == pytest.approx(float(bal.fuse_scale[1]), rel=1e-4)
+    held = torch.from_numpy(load_stack([Path(synthetic_data) / h for h in cal["holdout_images"]], 64))
+    with torch.no_grad():
+        recon, knn = scorer.fusion_terms(held)
+        amap, score = scorer(held)
+    for j, term in enumerate((recon, knn)):  # a term's held-back spread after the division is 1 / its spread
+        spread = float(term.flatten(1).amax(1).std())
+        assert float((term.flatten(1).amax(1) / scorer.fuse_scale[j]).std()) == pytest.approx(1 / spread, rel=1e-4)
+    assert torch.allclose(amap, recon / scorer.fuse_scale[0] + scorer.knn_weight * knn / scorer.fuse_scale[1],
+                          atol=1e-5)
+    assert cal["threshold"] == pytest.approx(float(score.max()), rel=1e-5)
+
+
+def test_weighted_fusion_without_two_z_maps_is_refused() -> None:
+    from mae_ad.config import load_config
+    from mae_ad.contract import UserError
+
+    for mode in ("balanced", "inverse_variance"):
+        with pytest.raises(UserError, match=f"scoring.fusion={mode} needs two maps"):
+            load_config(None, [f"scoring.fusion={mode}"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("scoring.knn_weight=1", "scoring.knn_weight > 0 needs feature tokens: set model.backbone"),
     ("scoring.fusion=balanced", "scoring.fusion=balanced needs two maps in z-score units"),
