@@ -353,7 +353,8 @@ class Config(Section):
         if self.scoring.fusion != "sum" and not (self.scoring.knn_weight > 0
                                                  and self.scoring.normalize == "position"):
             raise ValueError(f"scoring.fusion={self.scoring.fusion} needs two maps in z-score units: "
-                             "scoring.knn_weight > 0 and scoring.normalize=position")
+                             "scoring.knn_weight > 0 and scoring.normalize=position (without the kNN term, "
+                             "set scoring.fusion=sum)")
         if self.scoring.gmm_weight > 0 and self.model.gmm_components == 0:
             raise ValueError("scoring.gmm_weight > 0 needs a GMM head: set model.gmm_components (e.g. 4)")
         return self

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -402,6 +403,19 @@ class ImageFolderDataset:
         if self._tiles is None:
             return np.arange(len(self.paths))
         return np.array([k for k, _ in self._tiles], np.int64)
+
+    def exact_items(self) -> Iterator[np.ndarray]:
+        """Every item in order, float32 [3, S, S] in [0, 1], exactly as calibration and scoring read it (tiles cut
+        from the decoded image, not the uint8 tile cache, whose rounding moves features at a working scale other
+        than 1); never flipped. For work done once per run on all items, such as the feature-token cache whose
+        cells also become the kNN memory."""
+        if self._tiles is None:
+            for i in range(len(self.paths)):
+                yield self._cache[i] if self._cache is not None else read_image(self.paths[i], self.size, self.resize)
+            return
+        assert isinstance(self.resize, TileSpec)
+        for p in self.paths:
+            yield from read_image_tiles(p, self.resize)[0]
 
     def _tile(self, i: int) -> np.ndarray:
         assert self._tiles is not None and isinstance(self.resize, TileSpec)

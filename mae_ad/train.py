@@ -123,11 +123,24 @@ class TokenCache(torch.utils.data.Dataset):
     """The frozen backbone's token images of every training image, computed once: item i -> [C_f, g, g]."""
 
     def __init__(self, images: torch.utils.data.Dataset, backbone: nn.Module, device: torch.device, batch_size: int):
+        """`images`: an `ImageFolderDataset` is read through `exact_items` (the pixels scoring reads, so these tokens
+        can also be the kNN memory); another dataset item by item."""
+        exact = getattr(images, "exact_items", None)
+        items = exact() if exact is not None else (images[j] for j in range(len(images)))  # type: ignore[arg-type]
         chunks = []
+
+        def flush(batch: list[Any]) -> None:
+            chunks.append(backbone(torch.stack([torch.as_tensor(x) for x in batch]).to(device)).cpu())
+
         with torch.no_grad():
-            for i in range(0, len(images), batch_size):  # type: ignore[arg-type]
-                batch = torch.stack([torch.as_tensor(images[j]) for j in range(i, min(len(images), i + batch_size))])  # type: ignore[arg-type]
-                chunks.append(backbone(batch.to(device)).cpu())
+            batch: list[Any] = []
+            for x in items:
+                batch.append(x)
+                if len(batch) == batch_size:
+                    flush(batch)
+                    batch = []
+            if batch:
+                flush(batch)
         self.tokens = torch.cat(chunks)
 
     def __len__(self) -> int:

@@ -1,10 +1,11 @@
 """The two z-maps of a feature-space bundle with the kNN term, scored apart (research aid for issue 10; BENCHMARKS.md,
-"Feature space at 320 px"): each term's image-score spread on the bundle's held-back normal images (what
-scoring.fusion=balanced divides by), then test-split metrics at the model's input size for the reconstruction term
-alone, the kNN term alone, their plain sum and their balanced sum (a tiled bundle: stitched maps, pixel metrics at
-each image's own size). Test labels are read: a diagnostic, not a calibration.
+"What each term contributes, and the fusion"): each term's image-score spread σ on the bundle's held-back normal
+images, then test-split metrics for the reconstruction term alone, the kNN term alone, and three fusions: the plain
+sum, balanced (each term / σ) and inverse variance (each term / σ²), plus, with --weights, balanced sums with the
+reconstruction term scaled. Squashed bundles: at the model's input size; tiled bundles: stitched maps, pixel metrics
+at each image's own size. Test labels are read: a diagnostic, not a calibration.
 
-    python scripts/fusion_terms.py runs/mtf320 --data ../shared/data/magnetic_tile
+    python scripts/fusion_terms.py runs/mt --data ../shared/data/magnetic_tile --weights 0.25
 """
 import argparse
 import sys
@@ -22,7 +23,8 @@ from mae_ad.tiling import TiledPlacements, spec_from, stitched_to_source  # noqa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description="Score a feature-space bundle's reconstruction and kNN z-maps apart and "
+                                 "in several fusions on the test split (test labels read: a diagnostic).")
     ap.add_argument("bundle")
     ap.add_argument("--data", required=True)
     ap.add_argument("--weights", type=float, nargs="*", default=[],
