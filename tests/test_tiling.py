@@ -195,16 +195,20 @@ def test_tiled_int8_calibrates_and_counts_agreement_on_tiles(tiled_bundle, tiled
     assert q["agreement"]["calibration"]["images"] == 12 * 4
 
 
+def _recalibrated(bundle, data, out) -> tuple[dict, dict]:
+    """`mae-ad calibrate BUNDLE --data DATA --out OUT` with no change: (the bundle's calibration.json, the new one)."""
+    r = subprocess.run([sys.executable, "-m", "app.cli", "calibrate", str(bundle), "--data", str(data),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return (json.loads((bundle / "calibration.json").read_text()),
+            json.loads((out / "calibration.json").read_text()))
+
+
 def test_recalibrating_a_tiled_bundle_without_changes_reproduces_its_threshold(tiled_bundle, tiled_data,
                                                                                 tmp_path) -> None:
     """`mae-ad calibrate` with no --set (it used to crash on the missing overrides) re-scores the held-back images
     tile by tile and finds the threshold training found."""
-    out = tmp_path / "recal"
-    r = subprocess.run([sys.executable, "-m", "app.cli", "calibrate", str(tiled_bundle), "--data", str(tiled_data),
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    old = json.loads((tiled_bundle / "calibration.json").read_text())
-    new = json.loads((out / "calibration.json").read_text())
+    old, new = _recalibrated(tiled_bundle, tiled_data, tmp_path / "recal")
     assert new["n_tiles"] == old["n_tiles"] == 16
     assert new["threshold"] == pytest.approx(old["threshold"], rel=1e-5)
 
@@ -232,11 +236,7 @@ def test_a_tiled_feature_bundle_recalibrates_to_the_same_knn_memory_and_fusion(t
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "recal"
-    r = subprocess.run([sys.executable, "-m", "app.cli", "calibrate", str(bundle), "--data", str(tiled_data),
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    old = json.loads((bundle / "calibration.json").read_text())
-    new = json.loads((out / "calibration.json").read_text())
+    old, new = _recalibrated(bundle, tiled_data, out)
     assert old["fusion"] == new["fusion"] == "inverse_variance"
     for key in ("threshold", "fusion_scale_reconstruction", "fusion_scale_knn"):
         assert new[key] == pytest.approx(old[key], rel=1e-5), key
