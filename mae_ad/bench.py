@@ -213,9 +213,12 @@ def _lever_line(r: dict[str, Any]) -> str:
 
 
 def _check_line(c: dict[str, Any]) -> str:
+    tiled = c.get("per") == "tile"
     return (f"FLOP estimate vs counter ({c['preset']}): scoring {c['scoring_estimate'] / 1e9:.2f} vs "
             f"{c['scoring_counted'] / 1e9:.2f} GFLOP, training {c['training_estimate'] / 1e9:.2f} vs "
-            f"{c['training_counted'] / 1e9:.2f} GFLOP per image")
+            f"{c['training_counted'] / 1e9:.2f} GFLOP per {c.get('per', 'image')}"
+            + (" (data.resize=tile: an image is several tiles; its img/s and GFLOP/img figures are per tile)"
+               if tiled else ""))
 
 
 HEADER = f"{'preset':<10} {'what':<10} {'batch':>5} {'img/s':>8} {'GFLOP/img':>10} {'GFLOP/s':>8} {'of peak':>8}"
@@ -230,6 +233,11 @@ def format_table(res: dict[str, Any]) -> str:
     lines += [_check_line(c) for c in res.get("flop_checks", [])]
     lines += [_lever_line(r) for r in res.get("levers", [])]
     return "\n".join(lines)
+
+
+def _model_input(cfg: Config) -> str:
+    """What one bench item is: a whole image, or (data.resize=tile) one model-size tile of an image."""
+    return "tile" if cfg.data.resize == "tile" else "image"
 
 
 def run_bench(what: str, presets: list[str], out: str | os.PathLike[str] | None, seconds: float,
@@ -259,21 +267,24 @@ def run_bench(what: str, presets: list[str], out: str | os.PathLike[str] | None,
     emit(f"peak at start: {peak_start / 1e9:.1f} GFLOP/s ({res['threads']} threads)")
     res["flop_checks"] = []
     for p, c in cfgs.items():
-        res["flop_checks"].append({"preset": p, **check_flop_estimates(c)})
+        res["flop_checks"].append({"preset": p, **check_flop_estimates(c), "per": _model_input(c)})
         emit(_check_line(res["flop_checks"][-1]))
     emit(HEADER)
     for preset, cfg in cfgs.items():
+        per = _model_input(cfg)
         if what in ("scoring", "all"):
             for batch in (1, 8):
-                res["rows"].append({"preset": preset, "what": "scoring", **bench_scoring(cfg, batch, seconds)})
+                res["rows"].append({"preset": preset, "what": "scoring", "per": per,
+                                    **bench_scoring(cfg, batch, seconds)})
                 res["rows"][-1]["fraction_of_peak"] = res["rows"][-1]["flops_per_s"] / peak_start
                 emit(_row_line(res["rows"][-1]))
         if what in ("train", "all"):
-            res["rows"].append({"preset": preset, "what": "training", **bench_training(cfg, 8, seconds)})
+            res["rows"].append({"preset": preset, "what": "training", "per": per,
+                                **bench_training(cfg, 8, seconds)})
             res["rows"][-1]["fraction_of_peak"] = res["rows"][-1]["flops_per_s"] / peak_start
             emit(_row_line(res["rows"][-1]))
             if native_bf16(ceiling_start["flags"]):  # what train.precision=auto trains with on this CPU
-                res["rows"].append({"preset": preset, "what": "train-bf16",
+                res["rows"].append({"preset": preset, "what": "train-bf16", "per": per,
                                     **bench_training(cfg, 8, seconds, bf16=True)})
                 res["rows"][-1]["fraction_of_peak"] = res["rows"][-1]["flops_per_s"] / peak_start
                 emit(_row_line(res["rows"][-1]))

@@ -90,3 +90,19 @@ def test_bench_train_adds_a_bf16_row_only_where_the_cpu_has_native_bf16(monkeypa
         res = B.run_bench("train", ["tiny-p8"], None, 0.01, stream=io.StringIO())
         assert [r["what"] for r in res["rows"]] == expect
         assert all(r["images_per_s"] > 0 and r["fraction_of_peak"] > 0 for r in res["rows"])
+
+
+def test_bench_says_when_a_tiled_config_is_measured_per_tile(tmp_path):
+    """A data.resize=tile config scores tiles, not images: every row and the FLOP line say so."""
+    import io
+
+    import mae_ad.bench as B
+
+    cfg = tmp_path / "tiled.yaml"
+    cfg.write_text("model: {preset: tiny-p8, img_size: 32, patch_size: 4, depth: 1, decoder_depth: 1}\n"
+                   "data: {resize: tile, tile: {scale: 1.25, overlap: 8}}\n")
+    out = io.StringIO()
+    res = B.run_bench("train", [str(cfg), "tiny-p8"], None, 0.01, stream=out)
+    assert {r["preset"]: r["per"] for r in res["rows"]} == {str(cfg): "tile", "tiny-p8": "image"}
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("FLOP estimate vs counter")]
+    assert "GFLOP per tile (data.resize=tile" in lines[0] and lines[1].endswith("GFLOP per image")
