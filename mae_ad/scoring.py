@@ -484,7 +484,7 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
         spreads = [float(np.std(sc, ddof=1)) if sc.size > 1 else 1.0
                    for sc in (_image_scores(scorer, t, held_places) for t in (recon, knn))]
         divisors = [max(v, 1e-6) ** scorer.fusion_power for v in spreads]
-        scorer.fuse_scale.copy_(torch.tensor(divisors).clamp_min(1e-12).to(scorer.fuse_scale))
+        scorer.fuse_scale.copy_(torch.tensor(divisors).to(scorer.fuse_scale))
         fusion = {"fusion": scorer.scoring.fusion, "fusion_scale_reconstruction": float(scorer.fuse_scale[0]),
                   "fusion_scale_knn": float(scorer.fuse_scale[1]),
                   "fusion_spread_reconstruction": spreads[0], "fusion_spread_knn": spreads[1]}

@@ -19,7 +19,7 @@ from mae_ad import data as D  # noqa: E402
 from mae_ad import metrics as M  # noqa: E402
 from mae_ad.bundle import load_scorer  # noqa: E402
 from mae_ad.evaluate import _load_test_set  # noqa: E402
-from mae_ad.tiling import TiledPlacements, spec_from, stitched_to_source  # noqa: E402
+from mae_ad.tiling import TiledPlacements, TileSpec, input_policy, stitched_to_source  # noqa: E402
 
 
 def main() -> None:
@@ -35,8 +35,8 @@ def main() -> None:
     if sc.knn_weight <= 0 or not sc.normalize:
         sys.exit(f"{a.bundle}: needs scoring.knn_weight > 0 and scoring.normalize=position")
     size = sc.img_size
-    spec = spec_from(cfg_data(a.bundle), size)
-    policy = spec if spec is not None else "squash"
+    policy = input_policy(sc.data, size)  # the bundle's own resize policy (a TileSpec when it tiles)
+    spec = policy if isinstance(policy, TileSpec) else None
 
     def terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r, k = [], []
@@ -61,7 +61,7 @@ def main() -> None:
     lab = np.array([s.label for s in idx.test])
     types = [s.defect for s in idx.test]
     if spec is None:
-        x, masks = _load_test_set(idx.test, size)[:2]
+        x, masks = _load_test_set(idx.test, size, policy)[:2]
         r, k = terms(torch.from_numpy(x))
         rm, km, mk = image_maps(r, None), image_maps(k, None), list(masks)
     else:  # per image, stitched; pixel metrics at each image's own size
@@ -77,12 +77,8 @@ def main() -> None:
                 m = D.read_mask(smp.mask, expect_shape=(lay.src_h, lay.src_w)) > 0.5
             mk.append((m, lay))
     for tag, wr, wk in (("reconstruction alone", 1, 0), ("kNN alone", 0, 1), ("plain sum", 1, 1),
-                        ("balanced", 1 / s_r,
-                         1 / s_k),
-                        ("inverse variance", 1 / s_r ** 2,
-                         1 / s_k ** 2),
-                        *((f"balanced, reconstruction x{w}", w / s_r,
-                           1 / s_k) for w in a.weights)):
+                        ("balanced", 1 / s_r, 1 / s_k), ("inverse variance", 1 / s_r**2, 1 / s_k**2),
+                        *((f"balanced, reconstruction x{w}", w / s_r, 1 / s_k) for w in a.weights)):
         maps = [wr * r_ + wk * k_ for r_, k_ in zip(rm, km, strict=True)]
         s = np.array([m.max() for m in maps])
         per = {t: round(M.auroc(lab[sel], s[sel]), 3) for t in sorted(set(types) - {"good"})
@@ -96,11 +92,6 @@ def main() -> None:
         print(f"{tag:22s} image AUROC {M.auroc(lab, s):.3f}  pixel AUROC {pix[0]:.3f}  "
               f"AUPRO {pix[1]:.3f}  {per}", flush=True)
 
-
-def cfg_data(bundle: str):
-    from mae_ad.bundle import load_bundle_config
-
-    return load_bundle_config(bundle).data
 
 if __name__ == "__main__":
     main()

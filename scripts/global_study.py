@@ -23,18 +23,17 @@ import torch
 from mae_ad.bundle import load_bundle
 from mae_ad.data import index_dataset, load_stack_placed, require_train_images
 from mae_ad.metrics import auroc as image_auroc
-from mae_ad.tiling import spec_from
+from mae_ad.tiling import input_policy
 
 
-def summaries(model, paths, size, resize, levels: str) -> np.ndarray:
-    """[n_images, tiles?] -> per image: list of per-input summary vectors; returns (vectors [T, D], owner [T])."""
+def summaries(model, paths, size, resize) -> tuple[np.ndarray, np.ndarray]:
+    """Images -> (the summary vector of every model input, float64 [T, 2C]: each standardised channel's mean and std
+    over the input's cells; the index in `paths` of each input's image, [T])."""
     vecs, owners = [], []
     for i, p in enumerate(paths):
-        x, pl = load_stack_placed([p], size, resize)
+        x, _ = load_stack_placed([p], size, resize)
         with torch.no_grad():
             f = model.backbone(torch.from_numpy(x)).double()  # [T, C, g, g]
-        if levels == "last":
-            f = f[:, 40:]
         v = torch.cat([f.mean(dim=(2, 3)), f.std(dim=(2, 3))], dim=1)
         vecs.append(v.numpy())
         owners += [i] * v.shape[0]
@@ -47,13 +46,12 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--scores", required=True)
     ap.add_argument("--shrink", type=float, default=0.01)
-    ap.add_argument("--levels", default="all")
     a = ap.parse_args()
     torch.set_num_threads(2)
     cfg, model, _ = load_bundle(a.bundle)
     cal = json.loads((Path(a.bundle) / "calibration.json").read_text())
     size = cfg.model.img_size
-    resize = spec_from(cfg.data, size) if cfg.data.resize == "tile" else cfg.data.resize
+    resize = input_policy(cfg.data, size)
     idx = index_dataset(a.data, need_test=True)
     train = require_train_images(idx)
     hold = set(cal["holdout_images"])
@@ -66,9 +64,9 @@ def main() -> None:
     labels = np.array([int(r["label"]) for r in rows])
     mscore = np.array([float(r["score"]) for r in rows])
 
-    vf, of = summaries(model, fit, size, resize, a.levels)
-    vh, oh = summaries(model, held, size, resize, a.levels)
-    vt, ot = summaries(model, test, size, resize, a.levels)
+    vf, _ = summaries(model, fit, size, resize)
+    vh, oh = summaries(model, held, size, resize)
+    vt, ot = summaries(model, test, size, resize)
     mu = vf.mean(0)
     cov = np.cov(vf - mu, rowvar=False)
     d = cov.shape[0]

@@ -21,6 +21,7 @@ from mae_ad.tiling import (
     tile_offsets,
 )
 from tests.conftest import tiny_overrides
+from tests.test_feature_space import feature_overrides, lite_weights  # noqa: F401  (a module fixture)
 
 
 @pytest.mark.parametrize("length,size,overlap", [(1024, 256, 32), (1920, 256, 32), (300, 64, 16), (64, 64, 8),
@@ -213,24 +214,18 @@ def test_recalibrating_a_tiled_bundle_without_changes_reproduces_its_threshold(t
     assert new["threshold"] == pytest.approx(old["threshold"], rel=1e-5)
 
 
-def test_a_tiled_feature_bundle_recalibrates_to_the_same_knn_memory_and_fusion(tiled_data, tmp_path) -> None:
+def test_a_tiled_feature_bundle_recalibrates_to_the_same_knn_memory_and_fusion(
+        tiled_data, lite_weights, tmp_path) -> None:  # noqa: F811
     """Training and `mae-ad calibrate` must build the kNN memory from the same tiles. At a working scale other than 1
     the resized tiles are not whole grey levels, so a memory built from a uint8 training cache would hold other
     cells than the one calibration (and scoring) computes from the decoded image, and the coreset, the kNN
     statistics, the fusion divisors and the threshold would all move on a recalibration without changes."""
-    import timm
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from tests.test_feature_space import feature_overrides
-
-    torch.manual_seed(0)
-    weights = tmp_path / "lite0.safetensors"
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
     bundle = tmp_path / "bundle"
     cmd = [sys.executable, "-m", "app.cli", "train", "--data", str(tiled_data), "--out", str(bundle)]
-    for o in [*feature_overrides(weights), "data.resize=tile", "data.tile.overlap=16", "data.tile.scale=0.9",
+    for o in [*feature_overrides(lite_weights), "data.resize=tile", "data.tile.overlap=16", "data.tile.scale=0.9",
               "scoring.fusion=inverse_variance", "calibration.min_holdout=4", "train.epochs=1"]:
         cmd += ["--set", o]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
