@@ -45,14 +45,30 @@ ThreadsOpt = Annotated[int | None, typer.Option(min=1, help="ONNX Runtime thread
 def validate_config(
     file: Annotated[Path, typer.Argument(help="config YAML to check")],
     set_: SetOpt = None,
-    kind: Annotated[str, typer.Option(help="model (training config) or agent (agent config); auto by content")] = "auto",
+    kind: Annotated[str, typer.Option(help="model (training config), agent (agent config) or sweep (`mae-ad "
+                                            "sweep` file); auto by content")] = "auto",
+    base: Annotated[Path | None, typer.Option(help="sweep: the base model config its trials change (as `mae-ad "
+                                                   "sweep --config`; default: the built-in defaults)")] = None,
 ) -> None:
-    """Check a config file; print the resolved configuration or the key at fault."""
+    """Check a config file; print the resolved configuration or the key at fault. A sweep or ablation file has
+    each of its trials validated against --base."""
     from mae_ad.config import dump_config, load_config, read_yaml
 
     if kind == "auto":
+        from mae_ad.sweep import is_sweep_file
+
         data = read_yaml(file)
-        kind = "agent" if ("cameras" in data or "mqtt" in data) else "model"
+        kind = "agent" if ("cameras" in data or "mqtt" in data) else "sweep" if is_sweep_file(data) else "model"
+    if kind == "sweep":
+        from mae_ad.sweep import plan_sweep
+
+        mode, keys, plan, _ = plan_sweep(file, base, set_)
+        for p in plan:
+            typer.echo(p.get("name", "") + (": " if p.get("name") else "") + (", ".join(
+                f"{k}={v!r}" for k, v in p.items() if k != "name") or "(the base config)"))
+        typer.echo(f"# {file}: OK ({len(plan)} trials, mode {mode}, over {', '.join(keys) or 'no key'}; each "
+                   f"validated against {base or 'the built-in defaults'})", err=True)
+        return
     if kind == "agent":
         from agent.config import dump_agent_config, load_agent_config
 
@@ -60,7 +76,7 @@ def validate_config(
     elif kind == "model":
         typer.echo(dump_config(load_config(file, set_)))
     else:
-        raise UserError(f"--kind {kind!r}: expected auto, model or agent")
+        raise UserError(f"--kind {kind!r}: expected auto, model, agent or sweep")
     typer.echo(f"# {file}: OK", err=True)
 
 

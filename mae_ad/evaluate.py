@@ -401,6 +401,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
         "seconds_per_image_with_io": (t_score + t_io) / len(samples),
         "batch_size": batch_size,
         "engine": engine.info,
+        "scoring": scoring_summary(bcfg, cal),
         "torch_threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
@@ -573,6 +574,44 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def scoring_summary(cfg: Any, cal: dict[str, Any]) -> dict[str, Any]:
+    """What an image score of this bundle is made of, for metrics.json and report.md: the map terms with their
+    weights, the fusion rule with the divisors calibration chose (calibration.json `fusion_scale_*`), the
+    per-position normalisation, the smoothing (pixels) and the reduction to one score. `cfg`: the bundle's Config;
+    `cal`: its calibration.json."""
+    sc, model = cfg.scoring, cfg.model
+    space = f"feature space ({model.backbone.name}, layers {list(model.backbone.layers)})" if model.backbone else \
+        "pixel space"
+    terms = [f"masked reconstruction error in {space}"]
+    for key, what in (("ssim_weight", "1 - SSIM"), ("perceptual_weight", "perceptual error"),
+                      ("gmm_weight", "GMM negative log-likelihood"), ("stats_weight", "patch-statistics z-map"),
+                      ("knn_weight", f"nearest-normal-cell distance (kNN memory of {sc.knn_memory} cells)")):
+        w = float(getattr(sc, key))
+        if w > 0:
+            terms.append(f"{w:g} x {what}")
+    divisors = {k.removeprefix("fusion_scale_"): float(v) for k, v in cal.items() if k.startswith("fusion_scale_")}
+    return {
+        "terms": terms,
+        "fusion": sc.fusion,
+        "fusion_divisors": divisors,
+        "normalize": sc.normalize,
+        "sigma_px": float(sc.sigma),
+        "reduce": sc.reduce if sc.reduce == "max" else f"{sc.reduce} (top {sc.topk_fraction:g})",
+        "masks": f"K={sc.num_masks} {sc.pattern}",
+    }
+
+
+def _scoring_line(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "not recorded"
+    fusion = s["fusion"]
+    if s["fusion_divisors"]:
+        fusion += " (divisors " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(s["fusion_divisors"].items())) + ")"
+    norm = "per-position z-score against normal images" if s["normalize"] == "position" else "none"
+    return (f"map = {' + '.join(s['terms'])}; {s['masks']} masks; fusion {fusion}; normalisation {norm}; "
+            f"Gaussian σ {s['sigma_px']:g} px; image score = {s['reduce']} of the map")
+
+
 def _engine_line(e: dict[str, Any], markdown: bool = True) -> str:
     """'onnxruntime (fp32, /path/model.onnx)' or 'torch (bf16: 40/40 decisions agree ...)' for the report."""
     bits = [str(e.get("precision", "fp32"))]
@@ -600,6 +639,7 @@ def _report_markdown(r: dict[str, Any], plots: dict[str, str]) -> str:
           f"- Scoring time: {r['seconds_per_image'] * 1000:.1f} ms per image "
           f"({r['seconds_per_image_with_io'] * 1000:.1f} ms with image reading), batch {r['batch_size']}, "
           f"engine {_engine_line(r.get('engine') or {})}",
+          f"- Scoring: {_scoring_line(r.get('scoring'))}",
           f"- Created: {r['created']}", ""]
     if r["n_defect_without_mask"]:
         L += [f"> {r['n_defect_without_mask']} defect image(s) have no ground-truth mask: they count for the "

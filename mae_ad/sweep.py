@@ -192,6 +192,33 @@ class _Trackers:
                 log.warning("mlflow logging failed for %s: %s", name, e)
 
 
+def is_sweep_file(data: dict[str, Any]) -> bool:
+    """True for the top level of an ablation (`trials:` list) or search-space file (only dotted keys), which
+    `mae-ad validate-config` then checks as a sweep instead of as a model config."""
+    return bool(data) and (set(data) == {"trials"} or all(isinstance(k, str) and "." in k for k in data))
+
+
+def plan_sweep(space_file: str | Path, config: str | Path | None = None, overrides: list[str] | None = None,
+               mode: str = "grid", trials: int | None = None, seed: int = 0
+               ) -> tuple[str, list[str], list[dict[str, Any]], list[Config]]:
+    """(mode, swept keys, trials, each trial's validated Config) of a sweep file over the base `config` plus
+    `overrides`. Raises UserError naming the file, trial and key at fault; nothing is trained or written."""
+    plan = read_trial_list(space_file)
+    if plan is not None:
+        mode = "list"
+        keys = sorted({k for p in plan for k in p if k != "name"})
+    else:
+        space = read_space(space_file)
+        keys = list(space)
+        plan = make_trials(space, mode, trials, seed)
+    base = apply_overrides(read_yaml(config) if config is not None else {}, overrides)
+    over = str(config) if config is not None else "the built-in defaults"
+    # every trial validated up front; an error names the sweep file, the trial and the base config
+    configs = [trial_config(base, p, f"{space_file}: trial {p.get('name', i)!r} over {over}")
+               for i, p in enumerate(plan)]
+    return mode, keys, plan, configs
+
+
 def run_sweep(
     space_file: str | Path, data: str | Path, out: str | Path, config: str | Path | None = None,
     overrides: list[str] | None = None, mode: str = "grid", trials: int | None = None, seed: int = 0,
@@ -204,17 +231,7 @@ def run_sweep(
         raise UserError(f"{out}: already exists and is not empty; refusing to overwrite a sweep (choose another --out)")
     if not Path(data).is_dir():
         raise UserError(f"{data}: data folder not found")
-    plan = read_trial_list(space_file)
-    if plan is not None:
-        mode = "list"
-        keys = sorted({k for p in plan for k in p if k != "name"})
-    else:
-        space = read_space(space_file)
-        keys = list(space)
-        plan = make_trials(space, mode, trials, seed)
-    base = apply_overrides(read_yaml(config) if config is not None else {}, overrides)
-    source = str(config) if config is not None else "<defaults>"
-    configs = [trial_config(base, p, source) for p in plan]  # every trial validated up front
+    mode, keys, plan, configs = plan_sweep(space_file, config, overrides, mode, trials, seed)
     if train_fn is None:
         from .train import run_training as train_fn
     if eval_fn is None:

@@ -203,3 +203,32 @@ def test_every_shipped_config_validates():
     for f in files:
         r = CliRunner().invoke(app, ["validate-config", str(f)])
         assert r.exit_code == 0 and r.output.rstrip().endswith(": OK"), (f, r.output[-300:])
+
+
+def test_validate_config_checks_a_sweep_file_trial_by_trial(tmp_path):
+    """A sweep or ablation file is recognised by its content and each trial validated against --base; a bad key
+    in one trial names the file, the trial and the key, exit 2 (it used to be read as a model config and refused
+    with 'trials: unknown key')."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    configs = Path(__file__).parents[1] / "configs"
+    r = CliRunner().invoke(app, ["validate-config", str(configs / "ablation-magnetic-tile.yaml"), "--base",
+                                 str(configs / "magnetic-tile-pixel.yaml")])
+    assert r.exit_code == 0, r.output
+    assert "OK (15 trials, mode list" in r.output and "decoder-1: model.decoder_depth=1" in r.output
+    space = tmp_path / "space.yaml"
+    space.write_text("train.mask_ratio: [0.5, 0.75]\nscoring.sigma: [2, 4]\n")
+    r = CliRunner().invoke(app, ["validate-config", str(space)])
+    assert r.exit_code == 0 and "OK (4 trials, mode grid" in r.output, r.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trials:\n  - {name: base}\n  - {name: typo, train.mask_ratoi: 0.5}\n")
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(bad)], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"error: {bad}: trial 'typo'" in p.stderr and "train.mask_ratoi: unknown key" in p.stderr

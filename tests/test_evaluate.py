@@ -78,6 +78,8 @@ def test_evaluation_files_and_values(evaluated, bundle, synthetic_data):
         assert cv2.imread(str(png)) is not None, name
     report = (out / "report.md").read_text()
     assert "held-back NORMAL" in report and "oracle" in report and "](plots/roc.png)" in report
+    assert "Scoring: map = masked reconstruction error in pixel space;" in report
+    assert on_disk["scoring"]["fusion"] == "sum" and on_disk["scoring"]["fusion_divisors"] == {}
     assert not list(out.parent.glob(".report.tmp-*"))
 
 

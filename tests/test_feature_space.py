@@ -214,6 +214,15 @@ def test_inverse_variance_fusion_divides_each_term_by_its_held_back_variance(fea
     assert torch.allclose(amap, recon / scorer.fuse_scale[0] + scorer.knn_weight * knn / scorer.fuse_scale[1],
                           atol=1e-5)
     assert cal["threshold"] == pytest.approx(float(score.max()), rel=1e-5)
+    # what evaluate's metrics.json and report.md say the score is made of: both terms and these divisors
+    from mae_ad.config import config_from_dict, read_yaml
+    from mae_ad.evaluate import _scoring_line, scoring_summary
+
+    summary = scoring_summary(config_from_dict(read_yaml(out / "config.yaml"), "config.yaml"), cal)
+    assert summary["fusion"] == "inverse_variance" and len(summary["terms"]) == 2 and "kNN" in summary["terms"][1]
+    assert summary["fusion_divisors"] == pytest.approx({"reconstruction": float(scorer.fuse_scale[0]),
+                                                        "knn": float(scorer.fuse_scale[1])}, rel=1e-6)
+    assert f"knn {float(scorer.fuse_scale[1]):.4g}" in _scoring_line(summary)
 
 
 def test_weighted_fusion_without_two_z_maps_is_refused() -> None:
