@@ -724,7 +724,10 @@ def collect_images(inputs: list[Path]) -> list[Path]:
         if p.is_dir():
             found = list_images(p)
             if not found:
-                raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))})")
+                subs = sorted(d for d in p.iterdir() if d.is_dir() and list_images(d))
+                hint = (f"; its sub-folders {', '.join(d.name for d in subs[:4])}{', ...' if len(subs) > 4 else ''} "
+                        "hold images: pass them (a shell glob such as DIR/*/ works)") if subs else ""
+                raise UserError(f"{p}: no images in this folder (extensions {', '.join(sorted(IMAGE_EXTS))}){hint}")
         elif p.is_file():
             found = [p]
         else:

@@ -241,6 +241,13 @@ def test_cli_predict_missing_image(bundle, synthetic_data, tmp_path):
                out, str(missing))
 
 
+def test_cli_predict_on_a_folder_of_class_folders_names_them(bundle, synthetic_data, tmp_path):
+    """`predict BUNDLE DATA/test` (images one level down) is refused with the sub-folders that hold images named."""
+    out = tmp_path / "pred"
+    _cli_fails(["predict", str(bundle), str(synthetic_data / "test"), "--out", str(out)], out,
+               "its sub-folders crack, good")
+
+
 def test_predict_without_calibration_leaves_verdict_empty(synthetic_data, tmp_path):
     from mae_ad.evaluate import run_predict
 
