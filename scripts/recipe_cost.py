@@ -1,0 +1,111 @@
+"""Scoring cost of exported recipes through ONNX Runtime, the engine the agent and `evaluate` use on a CPU box, in
+one run (issue 10's cost comparison): images per second of each graph against the first one given.
+
+    python scripts/recipe_cost.py --data ../shared/data/magnetic_tile runs/mt.onnx runs/pix-cost.onnx
+
+Each graph is timed on random inputs of its own size at batch 1 and 8 (model inputs per call), in interleaved
+rounds (the best round reported, the median beside). A tiled graph (input.resize=tile in its metadata) needs
+several inputs per image: the mean over the dataset's test images of the tiles each one is cut into, by the
+graph's own tile spec. images/s = inputs/s / inputs per image. Weights do not change the cost, so a briefly
+trained bundle of a recipe measures the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _rate(fn: Any, batch: int, seconds: float) -> float:
+    fn()  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        reps += 1
+        el = time.perf_counter() - t0
+        if reps >= 2 and el >= seconds:
+            return batch * reps / el
+
+
+def inputs_per_image(meta: Any, sizes: list[tuple[int, int]]) -> float:
+    """Mean model inputs per image of the given (height, width) sizes under the graph's resize policy."""
+    from mae_ad.tiling import input_policy, layout
+
+    policy = input_policy(meta.input, meta.input.size)
+    if isinstance(policy, str):
+        return 1.0
+    return float(np.mean([layout(h, w, policy).n_tiles for h, w in sizes]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("graphs", nargs="+", type=Path, help="exported ONNX graphs (`mae-ad export`); the first is the "
+                                                          "reference of the ratios")
+    ap.add_argument("--data", type=Path, required=True, help="dataset root whose test images set the tiles per image")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per graph and batch, over all rounds")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    import cv2
+    import onnxruntime as ort
+
+    from mae_ad.bench import _cpu_name
+    from mae_ad.contract import OnnxMeta
+    from mae_ad.data import index_dataset
+    from mae_ad.precision import cpu_isa_flags
+    from trt.artifacts import read_sidecar
+    from trt.backends import ort_session_options
+
+    test = index_dataset(args.data, need_test=True).test
+    sizes = []
+    for s in test:
+        img = cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            sys.exit(f"{s.path}: unreadable image")
+        sizes.append(img.shape[:2])
+    res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+                           "machine": {"cpu": _cpu_name(), "isa_flags": cpu_isa_flags(), "threads": args.threads,
+                                       "onnxruntime": ort.__version__}, "graphs": []}
+    sessions, per_image, side = [], [], []
+    for g in args.graphs:
+        meta = read_sidecar(g, "ONNX", OnnxMeta)
+        sessions.append(ort.InferenceSession(str(g), ort_session_options(ort, args.threads),
+                                             providers=["CPUExecutionProvider"]))
+        per_image.append(inputs_per_image(meta, sizes))
+        side.append(meta.input.size)
+        res["graphs"].append({"path": str(g), "name": meta.name, "input": meta.input.size,
+                              "resize": meta.input.resize, "inputs_per_image": per_image[-1]})
+    rng = np.random.default_rng(0)
+    for batch in (1, 8):
+        got: list[list[float]] = [[] for _ in args.graphs]
+        xs = [rng.random((batch, 3, s, s), dtype=np.float32) for s in side]
+        for _ in range(args.rounds):
+            for i, sess in enumerate(sessions):
+                got[i].append(_rate(lambda s=sess, x=xs[i]: s.run(None, {"image": x}), batch,
+                                    args.seconds / args.rounds))
+        ref = max(got[0]) / per_image[0]
+        for i, rates in enumerate(got):
+            ips = max(rates) / per_image[i]
+            res["graphs"][i][f"b{batch}"] = {"inputs_per_s": max(rates), "images_per_s": ips,
+                                             "median_images_per_s": float(np.median(rates)) / per_image[i],
+                                             "rounds": rates, "images_per_s_vs_first": ips / ref}
+            print(f"batch {batch}  {args.graphs[i]}  {max(rates):7.2f} inputs/s  x {1 / per_image[i]:.3f} = "  # noqa: T201
+                  f"{ips:7.2f} images/s (median {np.median(rates) / per_image[i]:.2f})  {ips / ref:.2f}x the first",
+                  flush=True)
+    text = json.dumps(res, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
