@@ -47,8 +47,9 @@ def validate_config(
     set_: SetOpt = None,
     kind: Annotated[str, typer.Option(help="model (training config), agent (agent config) or sweep (`mae-ad "
                                             "sweep` file); auto by content")] = "auto",
-    base: Annotated[Path | None, typer.Option(help="sweep: the base model config its trials change (as `mae-ad "
-                                                   "sweep --config`; default: the built-in defaults)")] = None,
+    base: Annotated[Path | None, typer.Option("--base", "--config", "-c", help="sweep: the base model config its "
+                                              "trials change (`mae-ad sweep --config`; default: the built-in "
+                                              "defaults)")] = None,
 ) -> None:
     """Check a config file; print the resolved configuration or the key at fault. A sweep or ablation file has
     each of its trials validated against --base."""
@@ -66,8 +67,9 @@ def validate_config(
         for p in plan:
             typer.echo(p.get("name", "") + (": " if p.get("name") else "") + (", ".join(
                 f"{k}={v!r}" for k, v in p.items() if k != "name") or "(the base config)"))
-        typer.echo(f"# {file}: OK ({len(plan)} trials, mode {mode}, over {', '.join(keys) or 'no key'}; each "
-                   f"validated against {base or 'the built-in defaults'})", err=True)
+        typer.echo(f"# {file}: OK ({len(plan)} trial{'s' if len(plan) != 1 else ''}, mode {mode}, over "
+                   f"{', '.join(keys) or 'no key'}; each validated against {base or 'the built-in defaults'}"
+                   f"{' with ' + ', '.join(set_) if set_ else ''})", err=True)
         return
     if kind == "agent":
         from agent.config import dump_agent_config, load_agent_config

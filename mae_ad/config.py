@@ -134,7 +134,7 @@ class ModelConfig(Section):
         preset = data.get("preset", "tiny-p8")
         if preset is None:
             return data
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         return {**PRESETS[preset], **data}
 

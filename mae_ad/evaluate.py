@@ -401,7 +401,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
         "seconds_per_image_with_io": (t_score + t_io) / len(samples),
         "batch_size": batch_size,
         "engine": engine.info,
-        "scoring": scoring_summary(bcfg, cal),
+        "scoring": scoring_summary(bcfg, cal, int(scorer.knn_bank.shape[0]) if scorer.knn_weight > 0 else None),
         "torch_threads": torch.get_num_threads(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
@@ -574,42 +574,66 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def scoring_summary(cfg: Any, cal: dict[str, Any]) -> dict[str, Any]:
-    """What an image score of this bundle is made of, for metrics.json and report.md: the map terms with their
-    weights, the fusion rule with the divisors calibration chose (calibration.json `fusion_scale_*`), the
-    per-position normalisation, the smoothing (pixels) and the reduction to one score. `cfg`: the bundle's Config;
-    `cal`: its calibration.json."""
+def scoring_summary(cfg: Any, cal: dict[str, Any], knn_cells: int | None = None) -> dict[str, Any]:
+    """What an image score of this bundle is made of, for metrics.json and report.md, in the order `Scorer.forward`
+    computes it: the reconstruction error and what is mixed into it (weights as configured), the smoothing (pixels),
+    the per-position normalisation, the patch-statistics and kNN terms, the fusion with the divisors calibration
+    chose (calibration.json `fusion_scale_*`), and the reduction to one score; `formula` writes it out.
+    `cfg`: the bundle's Config; `cal`: its calibration.json; `knn_cells`: the kNN memory's real size (cells)."""
     sc, model = cfg.scoring, cfg.model
     space = f"feature space ({model.backbone.name}, layers {list(model.backbone.layers)})" if model.backbone else \
         "pixel space"
+    e = "squared error" + (f" of the residual low-passed at σ {sc.lowpass_sigma:g} px" if sc.lowpass_sigma > 0 else "")
+    if sc.ssim_weight > 0:
+        e = f"(1 - {sc.ssim_weight:g}) x {e} + {sc.ssim_weight:g} x (1 - SSIM) / 2"
+    if sc.perceptual_weight > 0:
+        e = f"(1 - {sc.perceptual_weight:g}) x [{e}] + {sc.perceptual_weight:g} x perceptual error"
+    if sc.gmm_weight > 0:
+        e = f"{e} + {sc.gmm_weight:g} x GMM negative log-likelihood"
+    e = f"[{e}] smoothed σ {sc.sigma:g} px" if sc.sigma > 0 else f"[{e}] (no smoothing)"
+    pos = sc.normalize == "position"
+    recon = f"z_rec = per-position z-score of {e}" if pos else f"rec = {e}"
     terms = [f"masked reconstruction error in {space}"]
-    for key, what in (("ssim_weight", "1 - SSIM"), ("perceptual_weight", "perceptual error"),
-                      ("gmm_weight", "GMM negative log-likelihood"), ("stats_weight", "patch-statistics z-map"),
-                      ("knn_weight", f"nearest-normal-cell distance (kNN memory of {sc.knn_memory} cells)")):
-        w = float(getattr(sc, key))
-        if w > 0:
-            terms.append(f"{w:g} x {what}")
+    parts = ["z_rec" if pos else "rec"]
+    if sc.stats_weight > 0:
+        terms.append(f"{sc.stats_weight:g} x patch-statistics z-map")
+        parts.append(f"{sc.stats_weight:g} x z_stats")
     divisors = {k.removeprefix("fusion_scale_"): float(v) for k, v in cal.items() if k.startswith("fusion_scale_")}
+    knn = None
+    if sc.knn_weight > 0:
+        knn = {"weight": float(sc.knn_weight), "memory_cells": int(knn_cells) if knn_cells is not None else None}
+        cells = f"{knn_cells} cells" if knn_cells is not None else f"up to {sc.knn_memory} cells"
+        terms.append(f"{sc.knn_weight:g} x nearest-normal-cell distance (kNN memory of {cells})")
+        zk = "z_knn" if pos else "knn"
+        if divisors:
+            parts = [f"{parts[0]} / {divisors.get('reconstruction', 1.0):.4g}", *parts[1:],
+                     f"{sc.knn_weight:g} x {zk} / {divisors.get('knn', 1.0):.4g}"]
+        else:
+            parts.append(f"{sc.knn_weight:g} x {zk}")
+    fusion = sc.fusion if sc.knn_weight > 0 else "none (one term)"
+    reduce = "max" if sc.reduce == "max" else f"mean of the top {sc.topk_fraction:.2%} of pixels"
     return {
         "terms": terms,
-        "fusion": sc.fusion,
+        "reconstruction": {"space": space, "lowpass_sigma_px": float(sc.lowpass_sigma),
+                           "ssim_weight": float(sc.ssim_weight), "perceptual_weight": float(sc.perceptual_weight),
+                           "gmm_weight": float(sc.gmm_weight)},
+        "stats_weight": float(sc.stats_weight),
+        "knn": knn,
+        "fusion": fusion,
         "fusion_divisors": divisors,
         "normalize": sc.normalize,
         "sigma_px": float(sc.sigma),
-        "reduce": sc.reduce if sc.reduce == "max" else f"{sc.reduce} (top {sc.topk_fraction:g})",
+        "reduce": sc.reduce,
+        **({"topk_fraction": float(sc.topk_fraction)} if sc.reduce != "max" else {}),
         "masks": f"K={sc.num_masks} {sc.pattern}",
+        "formula": f"{recon}; map = {' + '.join(parts)}; image score = {reduce} of the map",
     }
 
 
 def _scoring_line(s: dict[str, Any] | None) -> str:
     if not s:
         return "not recorded"
-    fusion = s["fusion"]
-    if s["fusion_divisors"]:
-        fusion += " (divisors " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(s["fusion_divisors"].items())) + ")"
-    norm = "per-position z-score against normal images" if s["normalize"] == "position" else "none"
-    return (f"map = {' + '.join(s['terms'])}; {s['masks']} masks; fusion {fusion}; normalisation {norm}; "
-            f"Gaussian σ {s['sigma_px']:g} px; image score = {s['reduce']} of the map")
+    return f"{s['formula']} ({s['masks']} masks; fusion {s['fusion']})"
 
 
 def _engine_line(e: dict[str, Any], markdown: bool = True) -> str:

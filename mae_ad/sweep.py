@@ -195,7 +195,7 @@ class _Trackers:
 def is_sweep_file(data: dict[str, Any]) -> bool:
     """True for the top level of an ablation (`trials:` list) or search-space file (only dotted keys), which
     `mae-ad validate-config` then checks as a sweep instead of as a model config."""
-    return bool(data) and (set(data) == {"trials"} or all(isinstance(k, str) and "." in k for k in data))
+    return bool(data) and ("trials" in data or all(isinstance(k, str) and "." in k for k in data))
 
 
 def plan_sweep(space_file: str | Path, config: str | Path | None = None, overrides: list[str] | None = None,

@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--knn-only", action="store_true",
                     help="score the kNN term alone (no MAE pass: far faster on large token grids)")
     a = ap.parse_args()
+    if a.knn_only and a.weights:
+        sys.exit("error: --weights scales the reconstruction term, which --knn-only does not score")
     torch.set_num_threads(2)
     sc, cal, _ = load_scorer(a.bundle, require_calibration=True)
     if sc.knn_weight <= 0 or not sc.normalize:
@@ -62,7 +64,8 @@ def main() -> None:
     held_x, held_pl = D.load_stack_placed([Path(a.data) / h for h in cal["holdout_images"]], size, policy)
     rh, kh = terms(torch.from_numpy(held_x))
     s_r, s_k = (float(np.std([x.max() for x in image_maps(t, held_pl)], ddof=1)) for t in (rh, kh))
-    print(f"held-back normals ({len(cal['holdout_images'])}): image-score std reconstruction {s_r:.2f}, kNN {s_k:.2f}")
+    rec_std = "not scored (--knn-only)" if a.knn_only else f"{s_r:.2f}"
+    print(f"held-back normals ({len(cal['holdout_images'])}): image-score std reconstruction {rec_std}, kNN {s_k:.2f}")
     idx = D.index_dataset(a.data, need_test=True)
     lab = np.array([s.label for s in idx.test])
     types = [s.defect for s in idx.test]

@@ -1,11 +1,11 @@
 """Scoring cost of exported recipes through ONNX Runtime, the engine the agent and `evaluate` use on a CPU box, in
 one run (issue 10's cost comparison): images per second of each graph against the first one given.
 
-    python scripts/recipe_cost.py --data ../shared/data/magnetic_tile runs/mt.onnx runs/pix-cost.onnx
+    python scripts/recipe_cost.py --data ../shared/data/magnetic_tile/test runs/pix-cost.onnx runs/mt.onnx
 
 Each graph is timed on random inputs of its own size at batch 1 and 8 (model inputs per call), in interleaved
 rounds (the best round reported, the median beside). A tiled graph (input.resize=tile in its metadata) needs
-several inputs per image: the mean over the dataset's test images of the tiles each one is cut into, by the
+several inputs per image: the mean over the images under --data of the tiles each one is cut into, by the
 graph's own tile spec. images/s = inputs/s / inputs per image. Weights do not change the cost, so a briefly
 trained bundle of a recipe measures the recipe.
 """
@@ -46,38 +46,47 @@ def inputs_per_image(meta: Any, sizes: list[tuple[int, int]]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("graphs", nargs="+", type=Path, help="exported ONNX graphs (`mae-ad export`); the first is the "
                                                           "reference of the ratios")
-    ap.add_argument("--data", type=Path, required=True, help="dataset root whose test images set the tiles per image")
-    ap.add_argument("--seconds", type=float, default=10.0, help="per graph and batch, over all rounds")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--data", type=Path, required=True,
+                    help="a dataset's test/ folder, or any folder: every image under it (recursively) sets the tiles "
+                         "per image")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per graph and batch, over all rounds (default 10)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported (default 3)")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    ap.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
+    if args.rounds < 1 or args.seconds <= 0:
+        sys.exit("error: --rounds must be >= 1 and --seconds > 0")
     import cv2
     import onnxruntime as ort
 
     from mae_ad.bench import _cpu_name
-    from mae_ad.contract import OnnxMeta
-    from mae_ad.data import index_dataset
+    from mae_ad.contract import OnnxMeta, UserError
+    from mae_ad.data import IMAGE_EXTS
     from mae_ad.precision import cpu_isa_flags
     from trt.artifacts import read_sidecar
     from trt.backends import ort_session_options
 
-    test = index_dataset(args.data, need_test=True).test
+    paths = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not paths:
+        sys.exit(f"error: {args.data}: no images under this folder")
     sizes = []
-    for s in test:
-        img = cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED)
+    for path in paths:
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if img is None:
-            sys.exit(f"{s.path}: unreadable image")
+            sys.exit(f"error: {path}: unreadable image")
         sizes.append(img.shape[:2])
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
                            "machine": {"cpu": _cpu_name(), "isa_flags": cpu_isa_flags(), "threads": args.threads,
                                        "onnxruntime": ort.__version__}, "graphs": []}
     sessions, per_image, side = [], [], []
     for g in args.graphs:
-        meta = read_sidecar(g, "ONNX", OnnxMeta)
+        try:
+            meta = read_sidecar(g, "ONNX", OnnxMeta)
+        except UserError as e:
+            sys.exit(f"error: {e}")
         sessions.append(ort.InferenceSession(str(g), ort_session_options(ort, args.threads),
                                              providers=["CPUExecutionProvider"]))
         per_image.append(inputs_per_image(meta, sizes))

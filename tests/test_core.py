@@ -232,3 +232,11 @@ def test_validate_config_checks_a_sweep_file_trial_by_trial(tmp_path):
     p = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(bad)], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert f"error: {bad}: trial 'typo'" in p.stderr and "train.mask_ratoi: unknown key" in p.stderr
+    mixed = tmp_path / "mixed.yaml"  # `trials:` beside other keys: the ablation-file rule, not 'unknown key'
+    mixed.write_text("trials:\n  - {name: base}\nmode: grid\n")
+    p = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(mixed)], capture_output=True, text=True)
+    assert p.returncode == 2 and "`trials:` must be the only top-level key" in p.stderr, p.stderr
+    listed = tmp_path / "listed.yaml"  # a list where a preset name belongs: an error line, not a TypeError
+    listed.write_text("model: {preset: [tiny-p8, tiny-p8-d2]}\n")
+    p = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(listed)], capture_output=True, text=True)
+    assert p.returncode == 2 and "unknown preset ['tiny-p8', 'tiny-p8-d2']" in p.stderr and "Traceback" not in p.stderr

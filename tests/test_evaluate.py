@@ -78,8 +78,10 @@ def test_evaluation_files_and_values(evaluated, bundle, synthetic_data):
         assert cv2.imread(str(png)) is not None, name
     report = (out / "report.md").read_text()
     assert "held-back NORMAL" in report and "oracle" in report and "](plots/roc.png)" in report
-    assert "Scoring: map = masked reconstruction error in pixel space;" in report
-    assert on_disk["scoring"]["fusion"] == "sum" and on_disk["scoring"]["fusion_divisors"] == {}
+    scoring = on_disk["scoring"]
+    assert scoring["terms"] == ["masked reconstruction error in pixel space"] and scoring["knn"] is None
+    assert scoring["fusion"] == "none (one term)" and scoring["fusion_divisors"] == {}
+    assert f"- Scoring: {scoring['formula']} (" in report and "image score = max of the map" in scoring["formula"]
     assert not list(out.parent.glob(".report.tmp-*"))
 
 

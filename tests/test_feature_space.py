@@ -218,11 +218,15 @@ def test_inverse_variance_fusion_divides_each_term_by_its_held_back_variance(fea
     from mae_ad.config import config_from_dict, read_yaml
     from mae_ad.evaluate import _scoring_line, scoring_summary
 
-    summary = scoring_summary(config_from_dict(read_yaml(out / "config.yaml"), "config.yaml"), cal)
+    cells = int(scorer.knn_bank.shape[0])
+    summary = scoring_summary(config_from_dict(read_yaml(out / "config.yaml"), "config.yaml"), cal, cells)
     assert summary["fusion"] == "inverse_variance" and len(summary["terms"]) == 2 and "kNN" in summary["terms"][1]
+    assert summary["knn"] == {"weight": scorer.knn_weight, "memory_cells": cells}
+    assert f"kNN memory of {cells} cells" in summary["terms"][1]
     assert summary["fusion_divisors"] == pytest.approx({"reconstruction": float(scorer.fuse_scale[0]),
                                                         "knn": float(scorer.fuse_scale[1])}, rel=1e-6)
-    assert f"knn {float(scorer.fuse_scale[1]):.4g}" in _scoring_line(summary)
+    d_r, d_k = (f"{float(v):.4g}" for v in scorer.fuse_scale)
+    assert f"map = z_rec / {d_r} + {scorer.knn_weight:g} x z_knn / {d_k};" in _scoring_line(summary)
 
 
 def test_weighted_fusion_without_two_z_maps_is_refused() -> None:
