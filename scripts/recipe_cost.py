@@ -25,14 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _rate(fn: Any, batch: int, seconds: float) -> float:
-    fn()  # warm-up
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        reps += 1
-        el = time.perf_counter() - t0
-        if reps >= 2 and el >= seconds:
-            return batch * reps / el
+    """Model inputs per second of `fn` (one call = `batch` inputs), after a warm-up, over at least 2 calls."""
+    from mae_ad.bench import time_it
+
+    return batch / time_it(fn, seconds, min_reps=2)[0]
 
 
 def inputs_per_image(meta: Any, sizes: list[tuple[int, int]]) -> float:
