@@ -214,8 +214,15 @@ def plan_sweep(space_file: str | Path, config: str | Path | None = None, overrid
     base = apply_overrides(read_yaml(config) if config is not None else {}, overrides)
     over = str(config) if config is not None else "the built-in defaults"
     # every trial validated up front; an error names the sweep file, the trial and the base config
-    configs = [trial_config(base, p, f"{space_file}: trial {p.get('name', i)!r} over {over}")
-               for i, p in enumerate(plan)]
+    configs, errors = [], []
+    for i, p in enumerate(plan):
+        try:
+            configs.append(trial_config(base, p, f"{space_file}: trial {p.get('name', i)!r} over {over}"))
+        except UserError as e:
+            errors.append(str(e))
+    if errors:  # every bad trial at once, not one per run
+        more = f" (and {len(errors) - 1} more trial(s): " + "; ".join(errors[1:]) + ")" if len(errors) > 1 else ""
+        raise UserError(errors[0] + more)
     return mode, keys, plan, configs
 
 

@@ -225,13 +225,14 @@ def test_validate_config_checks_a_sweep_file_trial_by_trial(tmp_path):
     r = CliRunner().invoke(app, ["validate-config", str(space)])
     assert r.exit_code == 0 and "OK (4 trials, mode grid" in r.output, r.output
     bad = tmp_path / "bad.yaml"
-    bad.write_text("trials:\n  - {name: base}\n  - {name: typo, train.mask_ratoi: 0.5}\n")
+    bad.write_text("trials:\n  - {name: base}\n  - {name: typo, train.mask_ratoi: 0.5}\n  - {name: neg, scoring.sigma: -1}\n")
     import subprocess
     import sys
 
     p = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(bad)], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert f"error: {bad}: trial 'typo'" in p.stderr and "train.mask_ratoi: unknown key" in p.stderr
+    assert "and 1 more trial(s)" in p.stderr and "trial 'neg'" in p.stderr and "scoring.sigma" in p.stderr  # all at once
     mixed = tmp_path / "mixed.yaml"  # `trials:` beside other keys: the ablation-file rule, not 'unknown key'
     mixed.write_text("trials:\n  - {name: base}\nmode: grid\n")
     p = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(mixed)], capture_output=True, text=True)
