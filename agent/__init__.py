@@ -10,6 +10,8 @@ Modules, one concept each:
   backend   - the `Backend` protocol the agent drives, the `EngineOpener` it is given, the brightness engine
   capture   - camera sources and the newest-frame reader thread (drops counted, reconnect with back-off)
   preprocess- region of interest, resize, colour conversion -> float32 NCHW batch
+  scoring   - frames -> maps and scores through the engine by the model's resize policy or tiling (`score_frames`)
+  teach     - a camera's threshold from its own normal frames (`mae-ad camera-threshold`)
   decide    - thresholds and the alert lifecycle (open after N, close after M, peak and box)
   evidence  - frame + heatmap overlay JPEGs of alerts, with retention
   spool     - durable, ordered, bounded alert spool (written before publish, removed on PUBACK)

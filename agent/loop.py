@@ -11,6 +11,7 @@ delivering (reconnecting, stalled, failed, ended) closes its open alert at once 
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -23,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from mae_ad.contract import RESIZE_POLICIES, Prediction, UserError
-from mae_ad.tiling import TileSpec, spec_from, working_size
+from mae_ad.contract import UserError
+from mae_ad.tiling import TileSpec, working_size
 
 from .backend import Backend, EngineOpener, model_threshold, open_backend
 from .capture import ENDED, FAILED, PAUSED, STREAMING, CameraReader, Frame, opencv_line
@@ -34,16 +35,8 @@ from .decide import AlertTracker, iso
 from .evidence import EvidenceStore, encode_jpeg
 from .mqtt import MqttLink
 from .mqtt import preflight as mqtt_preflight
-from .preprocess import (
-    anomalous_box,
-    box_to_frame,
-    overlay,
-    preprocess,
-    preprocess_tiles,
-    roi_outside,
-    stitched_view,
-    valid_view,
-)
+from .preprocess import anomalous_box, box_to_frame, overlay, roi_outside
+from .scoring import FramePolicy, score_frames
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -122,6 +115,8 @@ class Agent:
         self.last_tick = time.monotonic()
         self.batches = 0
         self.frames_scored = 0
+        # (monotonic end of a loop turn, frames it scored), newest last: a benchmark's rate between completions
+        self.turns: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
         self.alerts_raised = 0
         self.alert_messages = 0
         self.alert_ids: list[str] = []
@@ -132,6 +127,7 @@ class Agent:
         self.default_threshold: float | None = None
         self.resize, self.reduce, self.topk_fraction = "squash", "max", 0.01  # set from the model's metadata
         self.tile: TileSpec | None = None  # the model's tiling (input.resize=tile)
+        self.policy = FramePolicy()
         self._roi_refused: set[str] = set()  # cameras whose ROI lies outside their frames (logged once)
 
     # --- thresholds -------------------------------------------------------------------------------------------
@@ -154,17 +150,10 @@ class Agent:
         self.model_id = b.meta.model_id
         self.default_threshold = model_threshold(b)
         # the model's resize policy and score rule, from its metadata (models without it were squashed)
-        self.resize = b.meta.input.resize
-        if self.resize not in RESIZE_POLICIES:
-            raise UserError(f"model.path={cfg.model.path}: unknown input.resize {self.resize!r} in the model "
-                            f"metadata (this agent knows {', '.join(RESIZE_POLICIES)})")
-        if b.meta.scoring is not None:
-            self.reduce, self.topk_fraction = b.meta.scoring.reduce, b.meta.scoring.topk_fraction
-        if self.resize == "tile":
-            try:
-                self.tile = spec_from(b.meta.input, b.input_size)
-            except ValueError as e:
-                raise UserError(f"model.path={cfg.model.path}: bad tiling in the model metadata: {e}") from None
+        self.policy = FramePolicy.of(b, f"model.path={cfg.model.path}")
+        self.resize, self.reduce, self.topk_fraction = self.policy.resize, self.policy.reduce, self.policy.topk_fraction
+        self.tile = self.policy.tile
+        if self.tile is not None:
             self._check_tiles(cfg.cameras)
         for i, cam in enumerate(cfg.cameras):
             if not cam.enabled:
@@ -343,8 +332,11 @@ class Agent:
             return 0
         assert self.backend is not None
         mb = self.backend.max_batch or len(batch)
+        before = self.frames_scored
         for i in range(0, len(batch), mb):
             self._score(batch[i:i + mb])
+        if self.frames_scored > before:
+            self.turns.append((time.monotonic(), self.frames_scored - before))
         return len(batch)
 
     def _refuse_roi(self, batch: list[tuple[CameraState, Frame]]) -> list[tuple[CameraState, Frame]]:
@@ -364,30 +356,24 @@ class Agent:
         return keep
 
     def _score(self, batch: list[tuple[CameraState, Frame]]) -> None:
+        """One engine turn (`agent.scoring.score_frames`): untiled, the frames as one batch; tiled, the tiles of
+        every frame in chunks of at most model.tile_batch (and the engine's max batch), each frame's map stitched
+        from its tiles. Then each frame's decision and messages."""
         assert self.backend is not None and self.link is not None
         batch = self._refuse_roi(batch)
         if not batch:
             return
-        if self.tile is not None:
-            self._score_tiled(batch)
-            return
-        size = self.backend.input_size
-        t0 = time.monotonic()
-        prepped = [preprocess(f.image, cs.cam, size, self.resize) for cs, f in batch]
-        x = np.stack([p[0] for p in prepped])
-        t1 = time.monotonic()
-        maps, scores = Prediction.checked(*self.backend.infer(x), f"backend {self.backend.name}")
-        t2 = time.monotonic()
+        scored, (t0, t1, t2) = score_frames(self.backend, self.policy, [(cs.cam, f.image) for cs, f in batch],
+                                            self.cfg.model.tile_batch)
         n = self._count_batch(len(batch), t0, t1, t2)
-        for j, (cs, f) in enumerate(batch):
+        for (cs, f), s in zip(batch, scored, strict=True):
             self.timer.add("capture", t0 - f.t_read_start)
-            amap, rgb, score = valid_view(maps[j], prepped[j][2], float(scores[j]), prepped[j][1], self.reduce,
-                                          self.topk_fraction)
-            self._decide_publish(cs, f, prepped[j][1], rgb, amap, score,
+            self._decide_publish(cs, f, s.crop, s.rgb, s.amap, s.score,
                                  {"capture": t0 - f.t_read_start, "preprocess": (t1 - t0) / n, "engine": (t2 - t1) / n})
         if self.first_score_s is None:
             self.first_score_s = time.monotonic() - self.t_start
-            log.info("first frame scored %.2f s after start", self.first_score_s)
+            log.info("first frame scored %.2f s after start%s", self.first_score_s,
+                     f" ({scored[0].tiles} tiles per frame)" if self.tile is not None else "")
 
     def _count_batch(self, n: int, t0: float, t1: float, t2: float) -> int:
         """Count one engine turn of `n` frames (preprocessing t0-t1, engine t1-t2) in the counters and stage timers.
@@ -400,32 +386,6 @@ class Agent:
         self.timer.add("preprocess", (t1 - t0) / n, n)
         self.timer.add("engine", (t2 - t1) / n, n)
         return n
-
-    def _score_tiled(self, batch: list[tuple[CameraState, Frame]]) -> None:
-        """A tiled model: the tiles of every frame in `batch` go through the engine together, in chunks of at most
-        model.tile_batch (and the engine's max batch) tiles; each frame's map is their stitched map
-        (`stitched_view`)."""
-        assert self.backend is not None and self.tile is not None
-        t0 = time.monotonic()
-        prepped = [preprocess_tiles(f.image, cs.cam, self.tile) for cs, f in batch]
-        x = np.concatenate([p[0] for p in prepped])
-        t1 = time.monotonic()
-        mb = min(self.backend.max_batch or len(x), self.cfg.model.tile_batch)
-        maps = np.concatenate([Prediction.checked(*self.backend.infer(x[i:i + mb]), f"backend {self.backend.name}").maps
-                               for i in range(0, len(x), mb)])
-        t2 = time.monotonic()
-        n = self._count_batch(len(batch), t0, t1, t2)
-        k = 0
-        for (cs, f), (_, crop, lay, rgb) in zip(batch, prepped, strict=True):
-            self.timer.add("capture", t0 - f.t_read_start)
-            amap, score = stitched_view(maps[k:k + lay.n_tiles], lay, self.reduce, self.topk_fraction)
-            k += lay.n_tiles
-            self._decide_publish(cs, f, crop, rgb, amap, score,
-                                 {"capture": t0 - f.t_read_start, "preprocess": (t1 - t0) / n, "engine": (t2 - t1) / n})
-        if self.first_score_s is None:
-            self.first_score_s = time.monotonic() - self.t_start
-            log.info("first frame scored %.2f s after start (%d tiles per frame)", self.first_score_s,
-                     prepped[0][2].n_tiles)
 
     def _decide_publish(self, cs: CameraState, f: Frame, crop: Any, rgb: np.ndarray, amap: np.ndarray, score: float,
                         lat: dict[str, float]) -> None:

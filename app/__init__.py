@@ -11,7 +11,7 @@ torch. Nothing imports this package back: `mae_ad`, `trt` and `agent` import not
 Modules:
   cli          - the Typer app, the learning stage's commands, `main` (the `mae-ad` console script)
   cli_compile  - the compile stage's commands (merge, export, quantize, check-trt, build-engine, probe)
-  cli_watch    - the watch stage's commands (run, agent-demo, agent-bench)
+  cli_watch    - the watch stage's commands (run, camera-threshold, agent-demo, agent-bench)
   common       - logging set-up shared by the commands
   demo         - `mae-ad demo`: learn -> compile -> watch on synthetic data
   agent_demo   - the watch stage's demo: synthetic product video, local broker, agent, live message view

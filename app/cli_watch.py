@@ -42,6 +42,68 @@ def register(app: typer.Typer) -> None:
         code = Agent(cfg, engines=open_engine).run(duration_s=duration)
         raise typer.Exit(code)
 
+    @app.command("camera-threshold")
+    def camera_threshold(
+        config: Annotated[Path, typer.Option("--config", "-c", help="agent YAML: the model, and the camera's ROI "
+                                                                    "and source")],
+        camera: Annotated[str, typer.Option(help="the camera's name in the config")],
+        source: Annotated[str | None, typer.Option(help="read the normal frames from here instead of the camera's "
+                                                        "source: a clip recorded from it, or a folder of its images")
+                          ] = None,
+        frames: Annotated[int, typer.Option(help="normal frames to score", min=2)] = 30,
+        every: Annotated[int, typer.Option(help="take every N-th frame (consecutive live frames are near copies)",
+                                           min=1)] = 1,
+        target_fpr: Annotated[float, typer.Option(help="false-alarm rate on these normal frames the threshold "
+                                                       "aims at (the bundle's calibration default)")] = 0.01,
+        set_: Annotated[list[str] | None, typer.Option("--set", help="override the agent config: section.key=value "
+                                                       "(repeatable)")] = None,
+        out: Annotated[Path | None, typer.Option(help="also write the scores and threshold here (JSON)")] = None,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    ) -> None:
+        """A camera's threshold from its own normal frames, scored exactly as the agent scores them (ROI, tiling,
+        score rule): prints the `--set cameras.N.threshold=...` to run the agent with. Only normal frames."""
+        import json
+
+        from agent.backend import open_backend
+        from agent.config import install_log_redaction, load_agent_config
+        from agent.teach import camera_index, normal_frames, teach_threshold
+        from mae_ad.contract import UserError
+
+        from .common import setup_logging
+        from .engines import open_engine
+
+        setup_logging(verbose)
+        install_log_redaction()
+        if not 0.0 < target_fpr < 1.0:
+            raise UserError(f"--target-fpr {target_fpr}: must lie in (0, 1)")
+        if out is not None and out.exists():
+            raise UserError(f"--out {out}: already exists; refusing to overwrite it")
+        cfg = load_agent_config(config, set_)
+        i = camera_index(cfg, camera)
+        cam = cfg.cameras[i] if source is None else cfg.cameras[i].model_copy(update={"source": source})
+        be = open_backend(cfg.model, open_engine)
+        try:
+            res = teach_threshold(be, cam, normal_frames(cam, cfg, frames, every), target_fpr,
+                                  cfg.model.tile_batch, f"model.path={cfg.model.path}")
+        finally:
+            be.close()
+        h, w = res["frame_shape"]
+        typer.echo(f"camera {camera}: {res['n_frames']} normal frames ({w}x{h}"
+                   + (f", {res['tiles_per_frame']} tiles each" if res["tiles_per_frame"] > 1 else "") + ") scored")
+        typer.echo(f"scores: min {res['score_min']:.5g}, median {res['score_median']:.5g}, max {res['score_max']:.5g}")
+        if res["model_threshold"] is not None:
+            typer.echo(f"the model's calibrated threshold {res['model_threshold']:.5g} flags "
+                       f"{res['above_model_threshold']} of these {res['n_frames']} normal frames")
+        typer.echo(f"threshold {res['threshold']:.5g}: the {1 - target_fpr:g} quantile of these frames"
+                   + (" (their maximum: fewer frames than 1 / target_fpr)" if res["threshold"] == res["score_max"]
+                      else ""))
+        typer.echo(f"run the agent with: --set cameras.{i}.threshold={res['threshold']:.6g}")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps({"camera": camera, "config": str(config), **res}, indent=2) + "\n")
+            tmp.replace(out)
+
     @app.command("agent-demo")
     def agent_demo(
         model: Annotated[str | None, typer.Option(help="engine file: .onnx, .plan or a bundle dir (default: the "
@@ -77,6 +139,11 @@ def register(app: typer.Typer) -> None:
         video: Annotated[Path | None, typer.Option(help="this video file instead of the synthetic product (a "
                                                         "tiled model: its bare figure scores one frame's tiles "
                                                         "per batch)")] = None,
+        min_frames: Annotated[int, typer.Option(help="the agent's window lasts until more than this many frames "
+                                                     "are scored (a slow tiled model: longer than --seconds)",
+                                                min=1)] = 10,
+        threshold: Annotated[float | None, typer.Option(help="every camera's threshold instead of the model's (e.g. "
+                                                            "from `mae-ad camera-threshold`)")] = None,
     ) -> None:
         """Agent frames/s vs the bare engine, stage latency, memory, time to first score, alerts in an outage."""
         from mae_ad.contract import UserError
@@ -88,7 +155,8 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--video {video}: no such file")
         setup_logging(False)
         res = run_agent_bench(model, backend=backend, seconds=seconds, cameras=cameras, threads=threads, out=out,
-                              outage=outage, realtime=realtime, video_path=None if video is None else str(video))
+                              outage=outage, realtime=realtime, video_path=None if video is None else str(video),
+                              min_frames=min_frames, threshold=threshold)
         import json
 
         typer.echo(json.dumps(res, indent=2))

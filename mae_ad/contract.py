@@ -285,6 +285,21 @@ class Prediction(NamedTuple):
         return cls(maps, scores)
 
 
+def threshold_from_scores(scores: Any, target_fpr: float) -> float:
+    """The decision threshold for normal-image scores [N]: their (1 - target_fpr) quantile, taking the next higher
+    observed score ("higher"), so at most target_fpr of these normals lie above it; with N < 1 / target_fpr that is
+    their maximum. Calibration (`mae_ad.scoring.calibrate`) and a camera's taught threshold (`agent.teach`) use it.
+    Raises ValueError for no scores or target_fpr outside (0, 1)."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise ValueError("no normal scores to set a threshold on")
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target_fpr must lie in (0, 1), got {target_fpr}")
+    return float(np.quantile(s, 1.0 - target_fpr, method="higher"))
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

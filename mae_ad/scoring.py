@@ -493,7 +493,9 @@ def calibrate(scorer: Scorer, images: torch.Tensor, target_fpr: float, batch_siz
     else:
         thr_maps, _ = score_batches(scorer, held, batch_size)
     s = _image_scores(scorer, thr_maps, held_places)
-    threshold = float(np.quantile(s, 1.0 - target_fpr, method="higher"))
+    from .contract import threshold_from_scores
+
+    threshold = threshold_from_scores(s, target_fpr)
     return {
         "threshold": threshold,
         "target_fpr": target_fpr,

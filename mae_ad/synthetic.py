@@ -270,10 +270,15 @@ _VIDEO_DEFECTS = (("pit", 8.0, None), ("scratch", 11.0, 2.0), ("pore", 10.0, Non
 
 def small_defect_video(path: str | Path, frames: int = 60, height: int = 1080, width: int = 1920,
                        defect_frames: range | list[int] | tuple[int, ...] = range(20, 30), fps: float = 10,
-                       seed: int = 0) -> list[tuple[int, int, int]]:
-    """Write an MJPG .avi of `frames` independent fine_texture frames (height x width px, BGR) at `fps`; each frame
+                       seed: int = 0, codec: str = "MJPG") -> list[tuple[int, int, int]]:
+    """Write an .avi of `frames` independent fine_texture frames (height x width px, BGR) at `fps`; each frame
     index in `defect_frames` carries one defect about 10 px across (in turn an 8 px pit, an 11 x 2 px scratch, a
     10 px pore). The same seed writes the same frames (before compression).
+
+    codec: "MJPG" (lossy, about 0.3 MB a 1080p frame) or "FFV1" (lossless, about 3 MB a 1080p frame and slower to
+    decode). A model trained on PNG images of this texture at a fine scale sees MJPG's 8 x 8 blocks as anomalies
+    (the mean map level of a 1080p frame rose 5x under the scale-2 small-defect recipe, 2026-12-05): benchmark such a
+    model on FFV1, and train a real product on images that went through its camera's codec.
 
     Returns [(frame_index, cx, cy), ...]: the defects drawn, their centres in px, in frame order.
     Note that MJPG is lossy: a 1 px structure is softened, so the video's defects are drawn at the larger sizes.
@@ -282,16 +287,18 @@ def small_defect_video(path: str | Path, frames: int = 60, height: int = 1080, w
     """
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}")
+    if codec not in ("MJPG", "FFV1"):
+        raise ValueError(f"codec must be 'MJPG' or 'FFV1', got {codec!r}")
     marked = sorted(set(int(i) for i in defect_frames))
     if marked and (marked[0] < 0 or marked[-1] >= frames):
         raise ValueError(f"defect_frames must lie in [0, {frames}), got {marked[0]}..{marked[-1]}")
     if min(height, width) < _MIN_SIDE:
         raise ValueError(f"frame {height}x{width} too small for small defects: need at least {_MIN_SIDE} px a side")
     rng = np.random.default_rng(seed)
-    fourcc = cv2.VideoWriter_fourcc(*"MJPG")  # type: ignore[attr-defined]
-    writer = cv2.VideoWriter(str(path), fourcc, float(fps), (int(width), int(height)))
+    fourcc = cv2.VideoWriter_fourcc(*codec)  # type: ignore[attr-defined]
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, fourcc, float(fps), (int(width), int(height)))
     if not writer.isOpened():
-        raise OSError(f"{path}: cv2.VideoWriter could not open an MJPG video for writing")
+        raise OSError(f"{path}: cv2.VideoWriter could not open an {codec} video for writing")
     drawn: list[tuple[int, int, int]] = []
     marked_set = set(marked)
     try:

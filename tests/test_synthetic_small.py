@@ -131,3 +131,25 @@ def test_small_defect_video_reads_back(tmp_path):
     assert len(frames) == 6 and all(f.shape == (120, 200, 3) for f in frames)
     with pytest.raises(ValueError):
         small_defect_video(tmp_path / "bad.avi", frames=3, height=120, width=200, defect_frames=[3])
+
+
+def test_small_defect_video_ffv1_is_lossless_and_mjpg_is_not(tmp_path):
+    """FFV1 gives back exactly the frames drawn (the same seed draws the same frames); MJPG does not."""
+    kw = dict(frames=2, height=120, width=200, defect_frames=[1], fps=5, seed=3)
+    small_defect_video(tmp_path / "a.avi", codec="FFV1", **kw)
+    small_defect_video(tmp_path / "b.avi", codec="MJPG", **kw)
+    reads = []
+    for name in ("a.avi", "b.avi"):
+        cap = cv2.VideoCapture(str(tmp_path / name))
+        reads.append([cap.read()[1] for _ in range(2)])
+        cap.release()
+    assert all(f is not None and f.shape == (120, 200, 3) for fs in reads for f in fs)
+    # both decode to the same drawn frames up to MJPG's loss: lossless within 0, lossy clearly above 0
+    diff = [np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(*reads, strict=True)]
+    assert all(d > 0.3 for d in diff)
+    rng = np.random.default_rng(3)
+    from mae_ad.synthetic import fine_texture
+
+    assert np.array_equal(reads[0][0], fine_texture(rng, 120, 200))  # frame 0 has no defect: exactly the texture
+    with pytest.raises(ValueError, match="codec"):
+        small_defect_video(tmp_path / "c.avi", frames=1, height=120, width=200, defect_frames=[], codec="H264")
