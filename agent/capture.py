@@ -96,9 +96,18 @@ def opencv_line() -> str:
 
 class Source(Protocol):
     def open(self) -> None: ...
-    def read(self) -> np.ndarray: ...  # BGR/RGB/gray uint8; raises SourceError or EndOfStream
+    def read(self) -> np.ndarray | EncodedJpeg: ...  # BGR/RGB/gray uint8 (or, decode: lazy, the JPEG); raises
+    # SourceError, EndOfStream or BadFrame
     def close(self) -> None: ...
     def interrupt(self) -> None: ...  # from another thread: make a blocked read() return soon
+
+
+MJPEG_FOURCCS = ("MJPG", "MJPEG", "JPEG", "AVRN", "LJPG", "DMB1")  # FFmpeg's MJPEG codec tags: intra-only JPEGs
+
+
+def _fourcc(code: float) -> str:
+    n = int(code)
+    return "".join(chr((n >> (8 * i)) & 0xFF) for i in range(4)).strip("\x00 ")
 
 
 class OpenCvSource:
@@ -113,6 +122,7 @@ class OpenCvSource:
         self.frame_count = 0  # files: frames in the file (0: unknown)
         self.repeated = False  # the last read() returned a frame with the previous frame's decoder timestamp
         self._last_pts: float | None = None
+        self.raw = False  # decode: lazy on an MJPEG stream: read() returns the encoded JPEG of each frame
 
     def open(self) -> None:
         import cv2
@@ -157,6 +167,14 @@ class OpenCvSource:
         self.frame_count = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if self.kind == "file" else 0
         self._next_t = time.monotonic()
         self._last_pts = None
+        self.raw = False
+        if self.cam.decode == "lazy" and self.kind in ("file", "url"):
+            codec = _fourcc(self.cap.get(cv2.CAP_PROP_FOURCC))
+            if codec.upper() in MJPEG_FOURCCS and self.cap.set(cv2.CAP_PROP_FORMAT, -1):
+                self.raw = True
+            else:
+                log.warning("camera %s: decode: lazy needs an MJPEG stream, this one is %r; decoding every frame",
+                            self.cam.name, codec)
 
     def pace(self, stop: threading.Event) -> None:
         """Files: wait until the next frame is due, at the file's rate (realtime) or at `fps` (realtime false);
@@ -167,29 +185,32 @@ class OpenCvSource:
                 stop.wait(self._next_t - now)
             self._next_t = max(self._next_t + self.frame_interval, time.monotonic() - self.frame_interval)
 
-    def read(self) -> np.ndarray:
-        """The next frame. Files: a damaged frame before the end raises BadFrame (the next read goes on after it);
+    def read(self) -> np.ndarray | EncodedJpeg:
+        """The next frame (with decode: lazy on an MJPEG stream, its encoded JPEG). Files: a damaged frame before the end raises BadFrame (the next read goes on after it);
         the real end raises EndOfStream or, with loop, starts again. Other sources: SourceError."""
         import cv2
 
         pos = int(self.cap.get(cv2.CAP_PROP_POS_FRAMES) or 0) if self.kind == "file" else 0
         ok, frame = self.cap.read()
-        if ok and frame is not None:
+        if ok and frame is not None and frame.size:
             if self.kind in ("url", "gstreamer", "device"):
                 pts = float(self.cap.get(cv2.CAP_PROP_POS_MSEC) or 0.0)
                 self.repeated = pts > 0 and pts == self._last_pts
                 self._last_pts = pts
-            return frame
+            return self._packet(frame) if self.raw else frame
         if self.kind == "file":
             if self.frame_count > 0 and pos < self.frame_count - 1:  # not the end: one damaged frame
                 raise BadFrame(f"unreadable frame {pos} of {self.frame_count} in {self.cam.source}", pos)
             if self.cam.loop and pos > 0:
                 self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
                 ok, frame = self.cap.read()
-                if ok and frame is not None:
-                    return frame
+                if ok and frame is not None and frame.size:
+                    return self._packet(frame) if self.raw else frame
             raise EndOfStream(f"end of {self.cam.source}")
         raise SourceError(f"no frame from {self.kind} source {redact(self.cam.source)}")
+
+    def _packet(self, pkt: np.ndarray) -> EncodedJpeg:
+        return EncodedJpeg(pkt.copy(), f"camera {self.cam.name}")  # FFmpeg reuses its packet buffer
 
     def close(self) -> None:
         if self.cap is not None:
@@ -303,15 +324,19 @@ class MjpegHttpSource:
             raise SourceError(f"HTTP {redact(self.cam.source)}: unsupported Content-Type {ctype!r} "
                               "(use reader: opencv for other stream formats)", retry=False)
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def _decode(self, data: bytes) -> np.ndarray | EncodedJpeg:
         import cv2
 
+        if self.cam.decode == "lazy":
+            if not data:
+                raise BadFrame(f"HTTP {redact(self.cam.source)}: empty image part")
+            return EncodedJpeg(data, f"HTTP {redact(self.cam.source)}")
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
         if img is None:
             raise BadFrame(f"HTTP {redact(self.cam.source)}: undecodable image ({len(data)} bytes)")
         return img
 
-    def read(self) -> np.ndarray:
+    def read(self) -> np.ndarray | EncodedJpeg:
         try:
             if self.single:
                 data = self._first
@@ -398,13 +423,54 @@ def make_source(cam: CameraSection, cap_cfg: CaptureSection) -> Source:
     return OpenCvSource(cam, cap_cfg)
 
 
-@dataclass
+class EncodedJpeg:
+    """One frame as its source delivered it, still JPEG-encoded (`cameras[].decode: lazy`): decoded only when the
+    loop scores it (`Frame.image`), so the frames a busy loop never takes are never decoded."""
+
+    __slots__ = ("data", "where")
+
+    def __init__(self, data: np.ndarray | bytes, where: str):
+        self.data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.reshape(-1)
+        self.where = where  # names the source in a decode error
+
+    def decode(self) -> np.ndarray:
+        """BGR uint8 [H, W, 3]; raises BadFrame when the bytes are not a decodable image."""
+        import cv2
+
+        img = cv2.imdecode(self.data, cv2.IMREAD_COLOR) if self.data.size else None
+        if img is None:
+            raise BadFrame(f"{self.where}: undecodable JPEG frame ({self.data.size} bytes)")
+        return img
+
+
 class Frame:
-    image: np.ndarray
-    frame_id: int  # per camera, counts every frame the reader delivered (gaps = dropped frames)
-    t_read_start: float  # time.monotonic() before the read
-    t_read: float  # time.monotonic() after the read
-    wall_time: float  # time.time() after the read
+    """A frame handed from a camera's reader to the loop. `image` is the decoded frame; a frame read with
+    `cameras[].decode: lazy` is decoded on the first access (raising BadFrame if it cannot be), in the thread that
+    asks for it."""
+
+    __slots__ = ("_image", "_encoded", "frame_id", "t_read_start", "t_read", "wall_time")
+
+    def __init__(self, image: np.ndarray | EncodedJpeg, frame_id: int, t_read_start: float, t_read: float,
+                 wall_time: float):
+        self._image: np.ndarray | None = None if isinstance(image, EncodedJpeg) else image
+        self._encoded: EncodedJpeg | None = image if isinstance(image, EncodedJpeg) else None
+        self.frame_id = frame_id  # per camera, counts every frame the reader delivered (gaps = dropped frames)
+        self.t_read_start = t_read_start  # time.monotonic() before the read
+        self.t_read = t_read  # time.monotonic() after the read
+        self.wall_time = wall_time  # time.time() after the read
+
+    @property
+    def encoded(self) -> bool:
+        """True while the frame is still encoded (lazy decoding, not yet accessed)."""
+        return self._image is None
+
+    @property
+    def image(self) -> np.ndarray:
+        if self._image is None:
+            assert self._encoded is not None
+            self._image = self._encoded.decode()
+            self._encoded = None
+        return self._image
 
 
 @dataclass
@@ -629,6 +695,10 @@ class CameraReader:
             self._set_status(RECONNECTING, self.stats.last_error)
             self._stop.wait(delay)
             delay = min(delay * 2, self.cap_cfg.reconnect_max_s)
+
+    def bad_frame(self, e: BadFrame) -> None:
+        """Count and log a frame found undecodable after the reader handed it over (decode: lazy)."""
+        self._bad_frame(e, 0)
 
     def _bad_frame(self, e: BadFrame, run: int) -> None:
         self.stats.bad_frames += 1

@@ -148,6 +148,9 @@ class CameraSection(Section):
     height: int | None = Field(None, ge=1, description="devices: requested capture height")
     roi: RoiSection | None = None
     colour: Literal["bgr", "rgb", "gray"] = Field("bgr", description="channel order the source delivers")
+    decode: Literal["eager", "lazy"] = Field(
+        "eager", description="eager: the reader decodes every frame; lazy (MJPEG files and URLs): it hands over "
+                             "the JPEG and only the frames the loop scores are decoded")
     threshold: float | None = Field(None, description="per-camera threshold (wins over model.threshold)")
     open_after: int | None = Field(None, ge=1, description="per-camera alerts.open_after")
     close_after: int | None = Field(None, ge=1, description="per-camera alerts.close_after")
@@ -178,6 +181,15 @@ class CameraSection(Section):
                 (r.x + r.width > self.width or r.y + r.height > self.height):
             raise ValueError(f"roi: x={r.x} y={r.y} width={r.width} height={r.height} reaches outside the "
                              f"{self.width}x{self.height} frame the camera is asked for (width/height)")
+        return self
+
+    @model_validator(mode="after")
+    def _lazy_needs_a_stream(self) -> CameraSection:
+        if self.decode == "lazy" and self.resolved_kind() not in ("file", "url"):
+            raise ValueError(f"decode: lazy needs an MJPEG file or URL source; a {self.resolved_kind()} source is "
+                             "decoded by OpenCV as it is read (use decode: eager)")
+        if self.decode == "lazy" and self.colour != "bgr":
+            raise ValueError(f"decode: lazy decodes JPEGs to BGR; colour: {self.colour} cannot apply")
         return self
 
     def resolved_kind(self) -> str:

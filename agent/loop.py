@@ -28,7 +28,7 @@ from mae_ad.contract import UserError
 from mae_ad.tiling import TileSpec, working_size
 
 from .backend import Backend, EngineOpener, model_threshold, open_backend
-from .capture import ENDED, FAILED, PAUSED, STREAMING, CameraReader, Frame, opencv_line
+from .capture import ENDED, FAILED, PAUSED, STREAMING, BadFrame, CameraReader, Frame, opencv_line
 from .commands import NO_VALUE_COMMANDS, check_no_value, check_threshold, parse_threshold
 from .config import AgentConfig, CameraSection, install_log_redaction, redact
 from .decide import AlertTracker, iso
@@ -327,6 +327,12 @@ class Agent:
                 continue
             if cs.paused and not cs.snapshot_requests:
                 continue
+            if f.encoded:  # decode: lazy: only the frames scored are decoded, here
+                try:
+                    f.image  # noqa: B018 - decodes and keeps the image
+                except BadFrame as e:
+                    cs.reader.bad_frame(e)
+                    continue
             batch.append((cs, f))
         if not batch:
             return 0

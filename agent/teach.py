@@ -22,7 +22,7 @@ import numpy as np
 from mae_ad.contract import UserError, threshold_from_scores
 
 from .backend import Backend, model_threshold
-from .capture import BadFrame, EndOfStream, SourceError, make_source
+from .capture import BadFrame, EncodedJpeg, EndOfStream, SourceError, make_source
 from .config import AgentConfig, CameraSection, redact
 from .scoring import FramePolicy, score_frames
 
@@ -67,7 +67,8 @@ def normal_frames(cam: CameraSection, cfg: AgentConfig, frames: int, every: int 
         got = seen = 0
         while got < frames:
             try:
-                img = src.read()
+                got_frame = src.read()
+                img = got_frame.decode() if isinstance(got_frame, EncodedJpeg) else got_frame
             except BadFrame:
                 continue
             except EndOfStream:

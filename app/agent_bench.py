@@ -110,7 +110,7 @@ def _agent_cfg(work: Path, port: int, protocol: str, model: dict[str, Any], cams
 def run_agent_bench(model: str | None, backend: str | None = None, seconds: float = 15.0, cameras: int = 1,
                     threads: int | None = None, out: str | Path | None = None, outage: bool = True,
                     realtime: bool = True, video_path: str | None = None, min_frames: int = 10,
-                    threshold: float | None = None) -> dict[str, Any]:
+                    threshold: float | None = None, decode: str = "eager") -> dict[str, Any]:
     """realtime: the video plays at its 25 fps, like a camera (the default); False: decoded as fast as possible,
     which puts a decoder thread on the engine's cores and measures that contention too. `video_path`: this video
     instead of the synthetic 256-px product (e.g. `mae_ad.synthetic.small_defect_video`, 1920x1080). A tiled
@@ -122,7 +122,8 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
     (at most max(20 x seconds, 60 s)): `agent.overhead` = 1 - agent fps / bare fps. `threshold`: every camera's
     threshold (e.g. from `mae-ad camera-threshold`) instead of the model's; `agent.scores` lists the published
     (frame_id, score, anomalous) and `agent.alert_start_frames` the frame each alert opened on, to check them against
-    the video's defect frames (a looping file's frame_id counts on: take it modulo the video's length)."""
+    the video's defect frames (a looping file's frame_id counts on: take it modulo the video's length). `decode`: the
+    cameras' `decode` (lazy: an MJPEG video's frames are decoded only when scored)."""
     from agent.backend import open_backend
     from agent.broker import start_local_broker
     from agent.config import ModelSection
@@ -137,6 +138,7 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
         write_product_video(work / "product.avi", n_frames=200, fps=25.0, size=256)
     brk, protocol = start_local_broker(work / "broker")
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "model": model, "backend": msec["backend"],
+                           "video": video["path"], "decode": decode, "threshold": threshold,
                            "cameras": cameras, "realtime": realtime, "threads": threads, "cpu_count": os.cpu_count(),
                            "broker": type(brk).__name__}
     try:
@@ -153,7 +155,7 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
             res["bare"]["tiles_per_s"] = res["bare"]["fps"] * tiles.shape[0]
 
         # the agent on the same engine object, cameras reading the video as fast as they can
-        cams = [{"name": f"cam{i}", "source": video["path"], "loop": True, "realtime": realtime,
+        cams = [{"name": f"cam{i}", "source": video["path"], "loop": True, "realtime": realtime, "decode": decode,
                  **({} if threshold is None else {"threshold": threshold})} for i in range(cameras)]
         cfg = _agent_cfg(work / "e2e", brk.port, protocol, msec, cams, evidence={"enabled": False})
         agent = Agent(cfg, be)
@@ -196,7 +198,7 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
                         "score_messages_received": view.counts.get("score", 0)}
 
         # a separate agent process: memory, torch never imported, time to first score message
-        res["process"] = _process_run(work / "proc", brk.port, protocol, msec, video["path"], seconds)
+        res["process"] = _process_run(work / "proc", brk.port, protocol, msec, video["path"], seconds, decode)
         if outage:
             res["outage"] = _outage_run(work / "outage", msec)
     finally:
@@ -209,7 +211,7 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
 
 
 def _process_run(work: Path, port: int, protocol: str, msec: dict[str, Any], video: str,
-                 seconds: float) -> dict[str, Any]:
+                 seconds: float, decode: str = "eager") -> dict[str, Any]:
     import psutil
 
     from agent.config import dump_agent_config
@@ -217,7 +219,7 @@ def _process_run(work: Path, port: int, protocol: str, msec: dict[str, Any], vid
     from .agent_demo import LiveView
 
     work.mkdir(parents=True, exist_ok=True)
-    cfg = _agent_cfg(work, port, protocol, msec, [{"name": "cam", "source": video, "loop": True}],
+    cfg = _agent_cfg(work, port, protocol, msec, [{"name": "cam", "source": video, "loop": True, "decode": decode}],
                      mqtt={"stats_interval_s": 1.0})
     cfg_path = work / "agent.yaml"
     cfg_path.write_text(dump_agent_config(cfg))

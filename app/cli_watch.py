@@ -144,6 +144,8 @@ def register(app: typer.Typer) -> None:
                                                 min=1)] = 10,
         threshold: Annotated[float | None, typer.Option(help="every camera's threshold instead of the model's (e.g. "
                                                             "from `mae-ad camera-threshold`)")] = None,
+        decode: Annotated[str, typer.Option(help="the cameras' decode: eager, or lazy (an MJPEG video's frames are "
+                                                 "decoded only when scored)")] = "eager",
     ) -> None:
         """Agent frames/s vs the bare engine, stage latency, memory, time to first score, alerts in an outage."""
         from mae_ad.contract import UserError
@@ -153,10 +155,12 @@ def register(app: typer.Typer) -> None:
 
         if video is not None and not video.is_file():
             raise UserError(f"--video {video}: no such file")
+        if decode not in ("eager", "lazy"):
+            raise UserError(f"--decode {decode!r}: expected eager or lazy")
         setup_logging(False)
         res = run_agent_bench(model, backend=backend, seconds=seconds, cameras=cameras, threads=threads, out=out,
                               outage=outage, realtime=realtime, video_path=None if video is None else str(video),
-                              min_frames=min_frames, threshold=threshold)
+                              min_frames=min_frames, threshold=threshold, decode=decode)
         import json
 
         typer.echo(json.dumps(res, indent=2))

@@ -222,6 +222,114 @@ def test_undecodable_jpeg_in_a_stream_is_skipped_not_a_reconnect(cam_server):
     assert reader.stats.reconnects == 0 and cam_server.requests["/stream.mjpg"] == 1
 
 
+# --- decode: lazy (MJPEG): the reader hands over JPEGs, only the frames the loop scores are decoded ---------------
+def test_lazy_decode_decodes_only_the_frames_taken(tmp_path, monkeypatch):
+    import agent.capture as capture
+
+    p = tmp_path / "v.avi"
+    _damaged_video(p, bad=59)  # the last frame damaged: never taken here
+    calls = []
+    real = capture.EncodedJpeg.decode
+    monkeypatch.setattr(capture.EncodedJpeg, "decode", lambda self: calls.append(1) or real(self))
+    reader, _ = _reader(str(p), realtime=False, fps=100, decode="lazy")  # pulled at 100 frames/s
+    taken: list[Any] = []
+
+    def poll() -> bool:
+        f = reader.take()
+        if f is not None:
+            taken.append(f)
+            time.sleep(0.03)  # a busy loop: the reader goes on reading meanwhile
+        return reader.status == ENDED
+
+    reader.start()
+    try:
+        assert wait_until(poll, 30)
+    finally:
+        reader.stop()
+    assert reader.stats.frames == 60 and 5 < len(taken) < 50  # frames were dropped while the loop was busy
+    assert all(f.encoded for f in taken) and calls == []  # nothing decoded before the loop asks
+    idx = [_frame_index(f.image) for f in taken[:-1]]  # the last frame is the damaged one
+    assert len(calls) == len(taken) - 1 and idx == sorted(idx) and len(set(idx)) == len(idx)
+    with pytest.raises(capture.BadFrame, match="undecodable JPEG"):
+        _ = taken[-1].image
+
+
+def test_lazy_decode_matches_eager_and_falls_back_on_other_codecs(tmp_path, caplog):
+    from agent.capture import OpenCvSource
+
+    p = tmp_path / "v.avi"
+    _damaged_video(p, bad=59)
+    cap = CaptureSection()
+    lazy = OpenCvSource(CameraSection(name="c", source=str(p), decode="lazy"), cap)
+    eager = OpenCvSource(CameraSection(name="c", source=str(p)), cap)
+    lazy.open()
+    eager.open()
+    try:
+        for _ in range(5):
+            a, b = lazy.read(), eager.read()
+            assert not isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+            assert np.abs(a.decode().astype(int) - b.astype(int)).max() <= 3  # libjpeg vs FFmpeg's decoder
+    finally:
+        lazy.close()
+        eager.close()
+    q = tmp_path / "lossless.avi"
+    vw = cv2.VideoWriter(str(q), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), 10, (64, 64))
+    vw.write(_frame(90))
+    vw.release()
+    src = OpenCvSource(CameraSection(name="c", source=str(q), decode="lazy"), cap)
+    with caplog.at_level(logging.WARNING):
+        src.open()
+    try:
+        assert isinstance(src.read(), np.ndarray) and "lazy needs an MJPEG stream" in caplog.text
+    finally:
+        src.close()
+    with pytest.raises(ValueError, match="decode: lazy needs an MJPEG file or URL"):
+        CameraSection(name="c", source=0, decode="lazy")
+
+
+def test_lazy_http_stream_decodes_in_the_loop_and_skips_garbage(cam_server):
+    cam_server.garbage_every = 4
+    reader, _ = _reader(cam_server.url(), decode="lazy")
+    good = bad = 0
+
+    def poll() -> bool:  # as the loop does it (agent.loop.Agent.step)
+        nonlocal good, bad
+        f = reader.take()
+        if f is not None:
+            try:
+                assert f.image.ndim == 3
+                good += 1
+            except capture_bad_frame as e:
+                reader.bad_frame(e)
+                bad += 1
+        return good >= 5 and bad >= 1
+
+    from agent.capture import BadFrame as capture_bad_frame
+
+    reader.start()
+    try:
+        assert wait_until(poll, 20)
+    finally:
+        reader.stop()
+    assert reader.stats.bad_frames == bad and reader.stats.reconnects == 0
+
+
+@pytest.mark.broker
+def test_agent_skips_an_undecodable_lazy_frame_and_scores_the_rest(tmp_path, broker, recorder):
+    p = tmp_path / "v.avi"
+    _damaged_video(p, bad=20)
+    cfg = agent_cfg(tmp_path, broker.port, [{"name": "c", "source": str(p), "decode": "lazy"}])
+    at = AgentThread(cfg).start()
+    try:
+        assert wait_until(lambda: "c" in at.agent.cams and at.agent.cams["c"].reader.status == ENDED, 30)
+        time.sleep(0.5)
+    finally:
+        at.stop()
+    stats = at.agent.cams["c"].reader.stats
+    assert at.error is None and stats.frames == 60  # the damaged packet was read; its decode failed in the loop
+    assert stats.bad_frames == 1 and at.agent.frames_scored == 60 - 1 - stats.dropped
+
+
 # --- item 6: a snapshot URL is polled at the configured rate -------------------------------------------------------
 @pytest.mark.parametrize("fps, rate", [(4.0, 4.0), (None, 5.0)])
 def test_snapshot_url_is_requested_at_the_configured_rate(cam_server, fps, rate):
