@@ -210,7 +210,7 @@ class OpenCvSource:
         raise SourceError(f"no frame from {self.kind} source {redact(self.cam.source)}")
 
     def _packet(self, pkt: np.ndarray) -> EncodedJpeg:
-        return EncodedJpeg(pkt.copy(), f"camera {self.cam.name}")  # FFmpeg reuses its packet buffer
+        return EncodedJpeg(pkt.copy(), redact(self.cam.source))  # FFmpeg reuses its packet buffer
 
     def close(self) -> None:
         if self.cap is not None:

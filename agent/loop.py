@@ -331,7 +331,7 @@ class Agent:
                 try:
                     f.image  # noqa: B018 - decodes and keeps the image
                 except BadFrame as e:
-                    cs.reader.bad_frame(e)
+                    cs.reader.bad_frame(BadFrame(f"frame {f.frame_id}: {e}"))
                     continue
             batch.append((cs, f))
         if not batch:

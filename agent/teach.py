@@ -24,6 +24,7 @@ from mae_ad.contract import UserError, threshold_from_scores
 from .backend import Backend, model_threshold
 from .capture import BadFrame, EncodedJpeg, EndOfStream, SourceError, make_source
 from .config import AgentConfig, CameraSection, redact
+from .preprocess import roi_outside
 from .scoring import FramePolicy, score_frames
 
 log = logging.getLogger(__name__)
@@ -84,13 +85,14 @@ def normal_frames(cam: CameraSection, cfg: AgentConfig, frames: int, every: int 
 
 
 def teach_threshold(backend: Backend, cam: CameraSection, images: Iterator[np.ndarray], target_fpr: float = 0.01,
-                    tile_batch: int = 8, where: str = "model") -> dict[str, Any]:
+                    tile_batch: int = 8, where: str = "model", roi_key: str = "roi") -> dict[str, Any]:
     """Score `images` (normal frames of `cam`) as the agent does and set the threshold on them.
 
     Returns {"threshold", "target_fpr", "n_frames", "scores" (one per frame, in order), "score_min", "score_median",
     "score_max", "tiles_per_frame", "frame_shape", "model_threshold" (the calibrated one, or None),
     "above_model_threshold" (frames the calibrated threshold would have flagged), "method"}.
-    Raises UserError for fewer than 2 frames or frames of different sizes (one camera delivers one size)."""
+    Raises UserError for fewer than 2 frames, frames of different sizes (one camera delivers one size), or a ROI
+    that the agent would refuse on these frames (outside the frame, or smaller than one tile of a tiled model)."""
     policy = FramePolicy.of(backend, where)
     scores: list[float] = []
     tiles, shape = 0, None
@@ -100,10 +102,15 @@ def teach_threshold(backend: Backend, cam: CameraSection, images: Iterator[np.nd
         elif img.shape != shape:
             raise UserError(f"camera {cam.name}: frames of different sizes ({shape[1]}x{shape[0]} and "
                             f"{img.shape[1]}x{img.shape[0]}); teach a camera on frames as it delivers them")
+        if not scores:  # the agent refuses such frames (agent.loop.Agent._refuse_roi): so does teaching
+            why = roi_outside(img.shape, cam, roi_key, policy.tile)
+            if why is not None:
+                raise UserError(f"camera {cam.name}: {why}; the agent would not score these frames")
         [s], _ = score_frames(backend, policy, [(cam, img)], tile_batch)
         scores.append(float(s.score))
         tiles = s.tiles
-        log.info("camera %s: normal frame %d scored %.4g", cam.name, len(scores), s.score)
+        if len(scores) <= 3 or len(scores) % 10 == 0:  # progress: a tiled model takes seconds a frame
+            log.info("camera %s: normal frame %d scored %.4g", cam.name, len(scores), s.score)
     if len(scores) < 2:
         raise UserError(f"camera {cam.name}: {len(scores)} frame(s) read from {redact(cam.source)}; a threshold "
                         "needs at least 2 normal frames")

@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         every: Annotated[int, typer.Option(help="take every N-th frame (consecutive live frames are near copies)",
                                            min=1)] = 1,
         target_fpr: Annotated[float, typer.Option(help="false-alarm rate on these normal frames the threshold "
-                                                       "aims at (the bundle's calibration default)")] = 0.01,
+                                                       "aims at (calibration's default: 0.01)")] = 0.01,
         set_: Annotated[list[str] | None, typer.Option("--set", help="override the agent config: section.key=value "
                                                        "(repeatable)")] = None,
         out: Annotated[Path | None, typer.Option(help="also write the scores and threshold here (JSON)")] = None,
@@ -63,6 +63,8 @@ def register(app: typer.Typer) -> None:
         """A camera's threshold from its own normal frames, scored exactly as the agent scores them (ROI, tiling,
         score rule): prints the `--set cameras.N.threshold=...` to run the agent with. Only normal frames."""
         import json
+
+        import numpy as np
 
         from agent.backend import open_backend
         from agent.config import install_log_redaction, load_agent_config
@@ -80,11 +82,13 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--out {out}: already exists; refusing to overwrite it")
         cfg = load_agent_config(config, set_)
         i = camera_index(cfg, camera)
-        cam = cfg.cameras[i] if source is None else cfg.cameras[i].model_copy(update={"source": source})
+        # a clip or folder stands in for the camera: its kind is guessed from --source, not the camera's
+        cam = cfg.cameras[i] if source is None else \
+            cfg.cameras[i].model_copy(update={"source": source, "kind": "auto", "reader": "auto"})
         be = open_backend(cfg.model, open_engine)
         try:
             res = teach_threshold(be, cam, normal_frames(cam, cfg, frames, every), target_fpr,
-                                  cfg.model.tile_batch, f"model.path={cfg.model.path}")
+                                  cfg.model.tile_batch, f"model.path={cfg.model.path}", f"cameras.{i}.roi")
         finally:
             be.close()
         h, w = res["frame_shape"]
@@ -94,10 +98,16 @@ def register(app: typer.Typer) -> None:
         if res["model_threshold"] is not None:
             typer.echo(f"the model's calibrated threshold {res['model_threshold']:.5g} flags "
                        f"{res['above_model_threshold']} of these {res['n_frames']} normal frames")
+        n_needed = int(np.ceil(1 / target_fpr))
         typer.echo(f"threshold {res['threshold']:.5g}: the {1 - target_fpr:g} quantile of these frames"
-                   + (" (their maximum: fewer frames than 1 / target_fpr)" if res["threshold"] == res["score_max"]
-                      else ""))
-        typer.echo(f"run the agent with: --set cameras.{i}.threshold={res['threshold']:.6g}")
+                   + (f" (their maximum: fewer than {n_needed} frames; take {n_needed} or more for a quantile)"
+                      if res["threshold"] == res["score_max"] and res["n_frames"] < n_needed else ""))
+        mt = res["model_threshold"]
+        if mt is not None and res["threshold"] > 2 * mt:
+            typer.echo(f"warning: that is {res['threshold'] / mt:.1f} times the calibrated threshold; make sure every "
+                       "one of these frames is normal (a defect among them lifts the threshold above it)", err=True)
+        # repr: the exact float, so that no taught frame scores above its own threshold by rounding
+        typer.echo(f"run the agent with: --set cameras.{i}.threshold={res['threshold']!r}")
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(out.name + ".tmp")

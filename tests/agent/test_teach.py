@@ -4,6 +4,7 @@ scores them. The brightness engine stands in for a model; the frames are written
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,9 +101,12 @@ def test_camera_threshold_command_prints_the_setting_and_refuses_bad_input(tmp_p
     r = _cli("camera-threshold", "-c", str(cfg), "--camera", "b", "--source", str(folder), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     want = max(_expected(frames, CameraSection(name="b", source="x")))
-    assert f"--set cameras.1.threshold={want:.6g}" in r.stdout
+    printed = float(re.search(r"--set cameras\.1\.threshold=(\S+)", r.stdout).group(1))
     saved = json.loads(out.read_text())
     assert saved["threshold"] == pytest.approx(want, abs=1e-6) and saved["n_frames"] == 5 and saved["camera"] == "b"
+    # printed exactly: no taught frame scores above the threshold it is given (rounding once flagged one)
+    assert printed == saved["threshold"] and max(saved["scores"]) <= printed
+    assert "take 100 or more" in r.stdout and "warning" not in r.stderr
     # bad input: one error line naming what is wrong, exit 2, nothing written or overwritten
     before = out.read_text()
     r = _cli("camera-threshold", "-c", str(cfg), "--camera", "b", "--source", str(folder), "--out", str(out))
@@ -123,3 +127,38 @@ def test_threshold_rule_refuses_no_scores_and_a_bad_rate() -> None:
         threshold_from_scores([], 0.01)
     with pytest.raises(ValueError, match="target_fpr"):
         threshold_from_scores([1.0], 1.0)
+
+
+def test_camera_threshold_refuses_a_roi_the_agent_refuses_and_takes_a_clip_for_a_device(tmp_path) -> None:
+    import cv2
+
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for i, f in enumerate(_frames(3, seed=4)):  # 80 x 48 frames
+        cv2.imwrite(str(folder / f"{i}.png"), f)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("model: {backend: brightness, input_size: 32}\n"
+                   "cameras:\n  - {name: usb, source: 0, kind: device, roi: {x: 0, y: 0, width: 400, height: 40}}\n")
+    r = _cli("camera-threshold", "-c", str(cfg), "--camera", "usb", "--source", str(folder))
+    assert r.returncode == 2 and "cameras.0.roi" in r.stderr and "would not score" in r.stderr, r.stderr[-800:]
+    assert "Traceback" not in r.stderr
+    # the same device camera taught from a recorded clip: the clip's kind is its own, not the camera's
+    r = _cli("camera-threshold", "-c", str(cfg), "--camera", "usb", "--source", str(folder),
+             "--set", "cameras.0.roi.width=60")
+    assert r.returncode == 0 and "--set cameras.0.threshold=" in r.stdout, r.stderr[-800:]
+
+
+def test_camera_threshold_warns_when_the_frames_score_far_above_the_calibrated_threshold(tmp_path) -> None:
+    import cv2
+
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for i, f in enumerate(_frames(3, seed=5)):
+        if i == 1:
+            f[10:20, 10:20] = 255  # a defect among the "normal" frames
+        cv2.imwrite(str(folder / f"{i}.png"), f)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("model: {backend: brightness, input_size: 32}\n"
+                   "cameras:\n  - {name: a, source: x.avi}\n")
+    r = _cli("camera-threshold", "-c", str(cfg), "--camera", "a", "--source", str(folder))
+    assert r.returncode == 0 and "warning:" in r.stderr and "times the calibrated threshold" in r.stderr
