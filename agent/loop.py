@@ -178,8 +178,10 @@ class Agent:
             self.web = WebView(self, cfg.web)
         tiling = "" if self.tile is None else \
             f", tiled: scale {self.tile.scale:g}, overlap >= {self.tile.overlap} px, one engine batch per frame"
-        log.info("agent %s: model %s on %s (input %d px%s, threshold %s), %d camera(s)", cfg.agent_id, self.model_id,
-                 b.name, b.input_size, tiling, self.default_threshold, len(self.cams))
+        thr = ", ".join(f"{n} {t:.5g} ({src})" for n, (t, src) in
+                        ((n, self.threshold_of(cs)) for n, cs in self.cams.items()))
+        log.info("agent %s: model %s on %s (input %d px%s; calibrated threshold %s), %d camera(s); thresholds: %s",
+                 cfg.agent_id, self.model_id, b.name, b.input_size, tiling, self.default_threshold, len(self.cams), thr)
 
     def _check_tiles(self, cameras: list[CameraSection]) -> None:
         """A tiled model: every camera's ROI (or its requested capture size), scaled by the tile scale, must hold

@@ -144,8 +144,9 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[int | None, typer.Option(help="engine threads")] = None,
         out: Annotated[Path | None, typer.Option(help="write results JSON here")] = None,
         outage: Annotated[bool, typer.Option(help="also run the broker-outage scenario")] = True,
-        realtime: Annotated[bool, typer.Option(help="play the video at camera speed (25 fps) rather than as fast as "
-                                                    "it decodes")] = True,
+        realtime: Annotated[bool, typer.Option(help="play the video at its own frame rate, as a camera delivers it "
+                                                    "(the synthetic one: 25 fps), rather than as fast as it "
+                                                    "decodes")] = True,
         video: Annotated[Path | None, typer.Option(help="this video file instead of the synthetic product (a "
                                                         "tiled model: its bare figure scores one frame's tiles "
                                                         "per batch)")] = None,
