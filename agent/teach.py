@@ -85,12 +85,14 @@ def normal_frames(cam: CameraSection, cfg: AgentConfig, frames: int, every: int 
 
 
 def teach_threshold(backend: Backend, cam: CameraSection, images: Iterator[np.ndarray], target_fpr: float = 0.01,
-                    tile_batch: int = 8, where: str = "model", roi_key: str = "roi") -> dict[str, Any]:
+                    tile_batch: int = 8, where: str = "model", roi_key: str = "roi",
+                    model_override: float | None = None) -> dict[str, Any]:
     """Score `images` (normal frames of `cam`) as the agent does and set the threshold on them.
 
     Returns {"threshold", "target_fpr", "n_frames", "scores" (one per frame, in order), "score_min", "score_median",
-    "score_max", "tiles_per_frame", "frame_shape", "model_threshold" (the calibrated one, or None),
-    "above_model_threshold" (frames the calibrated threshold would have flagged), "method"}.
+    "score_max", "tiles_per_frame", "frame_shape", "model_threshold" (the threshold the agent would otherwise use:
+    `model_override` (model.threshold) if given, else the calibrated one, or None), "model_threshold_source",
+    "above_model_threshold" (frames it would have flagged), "method"}.
     Raises UserError for fewer than 2 frames, frames of different sizes (one camera delivers one size), or a ROI
     that the agent would refuse on these frames (outside the frame, or smaller than one tile of a tiled model)."""
     policy = FramePolicy.of(backend, where)
@@ -116,10 +118,12 @@ def teach_threshold(backend: Backend, cam: CameraSection, images: Iterator[np.nd
                         "needs at least 2 normal frames")
     arr = np.asarray(scores)
     thr = threshold_from_scores(arr, target_fpr)
-    model_thr = model_threshold(backend)
+    model_thr = model_override if model_override is not None else model_threshold(backend)
+    thr_source = "model.threshold" if model_override is not None else "calibrated"
     assert shape is not None
     return {"threshold": thr, "target_fpr": target_fpr, "n_frames": len(scores), "scores": scores,
             "score_min": float(arr.min()), "score_median": float(np.median(arr)), "score_max": float(arr.max()),
             "tiles_per_frame": tiles, "frame_shape": [int(v) for v in shape[:2]], "model_threshold": model_thr,
+            "model_threshold_source": thr_source,
             "above_model_threshold": None if model_thr is None else int((arr > model_thr).sum()),
             "method": "quantile(1 - target_fpr) of the camera's normal frames, scored as the agent scores them"}

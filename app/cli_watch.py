@@ -88,7 +88,8 @@ def register(app: typer.Typer) -> None:
         be = open_backend(cfg.model, open_engine)
         try:
             res = teach_threshold(be, cam, normal_frames(cam, cfg, frames, every), target_fpr,
-                                  cfg.model.tile_batch, f"model.path={cfg.model.path}", f"cameras.{i}.roi")
+                                  cfg.model.tile_batch, f"model.path={cfg.model.path}", f"cameras.{i}.roi",
+                                  cfg.model.threshold)
         finally:
             be.close()
         h, w = res["frame_shape"]
@@ -96,7 +97,9 @@ def register(app: typer.Typer) -> None:
                    + (f", {res['tiles_per_frame']} tiles each" if res["tiles_per_frame"] > 1 else "") + ") scored")
         typer.echo(f"scores: min {res['score_min']:.5g}, median {res['score_median']:.5g}, max {res['score_max']:.5g}")
         if res["model_threshold"] is not None:
-            typer.echo(f"the model's calibrated threshold {res['model_threshold']:.5g} flags "
+            what = "model.threshold" if res["model_threshold_source"] == "model.threshold" else \
+                "the model's calibrated threshold"
+            typer.echo(f"{what} {res['model_threshold']:.5g} flags "
                        f"{res['above_model_threshold']} of these {res['n_frames']} normal frames")
         n_needed = int(np.ceil(1 / target_fpr))
         typer.echo(f"threshold {res['threshold']:.5g}: the {1 - target_fpr:g} quantile of these frames"
@@ -104,7 +107,7 @@ def register(app: typer.Typer) -> None:
                       if res["threshold"] == res["score_max"] and res["n_frames"] < n_needed else ""))
         mt = res["model_threshold"]
         if mt is not None and res["threshold"] > 2 * mt:
-            typer.echo(f"warning: that is {res['threshold'] / mt:.1f} times the calibrated threshold; make sure every "
+            typer.echo(f"warning: that is {res['threshold'] / mt:.1f} times {what}; make sure every "
                        "one of these frames is normal (a defect among them lifts the threshold above it)", err=True)
         # repr: the exact float, so that no taught frame scores above its own threshold by rounding
         typer.echo(f"run the agent with: --set cameras.{i}.threshold={res['threshold']!r}")

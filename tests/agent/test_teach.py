@@ -161,4 +161,19 @@ def test_camera_threshold_warns_when_the_frames_score_far_above_the_calibrated_t
     cfg.write_text("model: {backend: brightness, input_size: 32}\n"
                    "cameras:\n  - {name: a, source: x.avi}\n")
     r = _cli("camera-threshold", "-c", str(cfg), "--camera", "a", "--source", str(folder))
-    assert r.returncode == 0 and "warning:" in r.stderr and "times the calibrated threshold" in r.stderr
+    assert r.returncode == 0 and "warning:" in r.stderr and "times the model's calibrated threshold" in r.stderr
+
+
+def test_camera_threshold_compares_with_model_threshold_when_one_is_set(tmp_path) -> None:
+    import cv2
+
+    folder = tmp_path / "normal"
+    folder.mkdir()
+    for i, f in enumerate(_frames(3, seed=6)):
+        cv2.imwrite(str(folder / f"{i}.png"), f)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("model: {backend: brightness, input_size: 32, threshold: 0.001}\n"
+                   "cameras:\n  - {name: a, source: x.avi}\n")
+    r = _cli("camera-threshold", "-c", str(cfg), "--camera", "a", "--source", str(folder))
+    assert r.returncode == 0 and "model.threshold 0.001 flags 3 of these 3" in r.stdout, r.stdout
+    assert "times model.threshold" in r.stderr
