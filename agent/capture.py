@@ -697,10 +697,8 @@ class CameraReader:
             delay = min(delay * 2, self.cap_cfg.reconnect_max_s)
 
     def bad_frame(self, e: BadFrame) -> None:
-        """Count and log a frame found undecodable after the reader handed it over (decode: lazy)."""
-        self._bad_frame(e, 0)
-
-    def _bad_frame(self, e: BadFrame, run: int) -> None:
+        """Count and log an unreadable frame: one the reader skipped, or one found undecodable after it handed it over
+        (decode: lazy)."""
         self.stats.bad_frames += 1
         n = self.stats.bad_frames
         if n <= 10 or n % 100 == 0:  # every one of the first ten, then every hundredth
@@ -725,7 +723,7 @@ class CameraReader:
                 return True
             except BadFrame as e:
                 bad_run += 1
-                self._bad_frame(e, bad_run)
+                self.bad_frame(e)
                 if bad_run >= self.cap_cfg.max_bad_frames:
                     self.stats.last_error = f"{bad_run} unreadable frames in a row"
                     log.warning("camera %s: %s; reopening", self.name, self.stats.last_error)

@@ -125,10 +125,13 @@ class Agent:
         self._engine_win = [0.0, 0, 0]  # engine seconds, batches, frames since the last stats message
         self._last_stats = time.monotonic()
         self.default_threshold: float | None = None
-        self.resize, self.reduce, self.topk_fraction = "squash", "max", 0.01  # set from the model's metadata
-        self.tile: TileSpec | None = None  # the model's tiling (input.resize=tile)
-        self.policy = FramePolicy()
+        self.policy = FramePolicy()  # the model's resize policy, score rule and tiling: set from its metadata
         self._roi_refused: set[str] = set()  # cameras whose ROI lies outside their frames (logged once)
+
+    @property
+    def tile(self) -> TileSpec | None:
+        """The model's tiling (input.resize=tile), else None."""
+        return self.policy.tile
 
     # --- thresholds -------------------------------------------------------------------------------------------
     def threshold_of(self, cs: CameraState) -> tuple[float, str]:
@@ -151,8 +154,6 @@ class Agent:
         self.default_threshold = model_threshold(b)
         # the model's resize policy and score rule, from its metadata (models without it were squashed)
         self.policy = FramePolicy.of(b, f"model.path={cfg.model.path}")
-        self.resize, self.reduce, self.topk_fraction = self.policy.resize, self.policy.reduce, self.policy.topk_fraction
-        self.tile = self.policy.tile
         if self.tile is not None:
             self._check_tiles(cfg.cameras)
         for i, cam in enumerate(cfg.cameras):

@@ -147,11 +147,17 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
         tiles = _tiled_batch(be, video["path"])
         batch = _frames_for(be, cameras) if tiles is None else np.concatenate([tiles] * cameras)
         chunk = None if tiles is None else min(be.max_batch or len(batch), ModelSection(**msec).tile_batch)
-        res["bare"] = _bare_fps(be, batch, seconds, chunk)
+
+        def bare_frames() -> dict[str, float]:  # a tiled model's batch holds `cameras` frames of T tiles: frames/s
+            b = _bare_fps(be, batch, seconds, chunk)
+            if tiles is not None:
+                b["fps"] *= cameras / batch.shape[0]
+            return b
+
+        res["bare"] = bare_frames()
         if tiles is not None:
-            res["tile_batch"] = chunk  # one batch holds `cameras` frames of T tiles each: frames/s
+            res["tile_batch"] = chunk
             res["tiles_per_frame"] = int(tiles.shape[0])
-            res["bare"]["fps"] *= cameras / batch.shape[0]
             res["bare"]["tiles_per_s"] = res["bare"]["fps"] * tiles.shape[0]
 
         # the agent on the same engine object, cameras reading the video as fast as they can
@@ -177,9 +183,7 @@ def run_agent_bench(model: str | None, backend: str | None = None, seconds: floa
         th.join(30)
         view.stop()
         rate = completion_rate(agent.turns, t0, t1)
-        res["bare_after"] = _bare_fps(be, batch, seconds, chunk)
-        if tiles is not None:
-            res["bare_after"]["fps"] *= cameras / batch.shape[0]
+        res["bare_after"] = bare_frames()
         be.close()
         bare = (res["bare"]["fps"] + res["bare_after"]["fps"]) / 2
         stage = {k: (round(v, 3) if v is not None else None) for k, v in agent.timer.mean_ms().items()}
