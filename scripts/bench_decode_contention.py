@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.backend import open_backend  # noqa: E402
 from agent.capture import CameraReader  # noqa: E402
 from agent.config import CameraSection, CaptureSection, ModelSection  # noqa: E402
-from app.agent_bench import _frames_for, _tiled_batch  # noqa: E402
+from app.agent_bench import _bare_fps, _frames_for, _tiled_batch  # noqa: E402
 from app.engines import open_engine  # noqa: E402
 
 log = logging.getLogger("decode-contention")
@@ -52,7 +52,6 @@ def main() -> None:
     be = open_backend(msec, open_engine)
     tiles = _tiled_batch(be, a.video)
     x = _frames_for(be, 1) if tiles is None else tiles[:msec.tile_batch]
-    be.infer(x)  # warm-up
     rng = random.Random(a.seed)
     blocks: dict[str, list[float]] = {c: [] for c in CONDITIONS}
     frames: dict[str, list[float]] = {c: [] for c in CONDITIONS}
@@ -66,18 +65,14 @@ def main() -> None:
                 reader = CameraReader(cam, CaptureSection(), threading.Event())
                 reader.start()
                 time.sleep(1.0)
-            f0 = reader.stats.frames if reader else 0
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < a.block_s:
-                be.infer(x)
-                n += 1
-            dt = time.perf_counter() - t0
+            f0, t0 = (reader.stats.frames if reader else 0), time.perf_counter()
+            bare = _bare_fps(be, x, a.block_s)  # one warm-up call, then calls for block_s
             if reader is not None:
-                frames[cond].append((reader.stats.frames - f0) / dt)
+                frames[cond].append((reader.stats.frames - f0) / (time.perf_counter() - t0))
                 reader.stop()
-            blocks[cond].append(1000 * dt / n)
-            log.info("round %d %-5s %8.1f ms per engine call (%d calls)%s", r, cond, 1000 * dt / n, n,
-                     f", reader {frames[cond][-1]:.1f} frames/s" if reader else "")
+            blocks[cond].append(bare["ms_per_batch"])
+            log.info("round %d %-5s %8.1f ms per engine call (%d calls)%s", r, cond, bare["ms_per_batch"],
+                     bare["batches"], f", reader {frames[cond][-1]:.1f} frames/s" if reader else "")
     be.close()
     res: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "model": a.model, "video": a.video, "rounds": a.rounds,
