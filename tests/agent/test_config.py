@@ -130,3 +130,21 @@ def test_cli_missing_model_is_one_line_error(tmp_path):
     r = _cli("run", "--config", str(cfg), "--duration", "1")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "nope.onnx" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_docs_key_table_lists_every_config_key():
+    """docs/agent.md's key table names every key of every agent config section (a key added to the schema but not
+    to the table fails here)."""
+    import re
+
+    from agent import config as C
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "agent.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z_\[\]]+)` \| (.*) \|$", text, re.M)}
+    sections = {"model": C.ModelSection, "cameras[]": C.CameraSection, "capture": C.CaptureSection,
+                "alerts": C.AlertSection, "evidence": C.EvidenceSection, "mqtt": C.MqttSection,
+                "health": C.HealthSection, "web": C.WebSection}
+    assert set(C.AgentConfig.model_fields) == {s.rstrip("[]") for s in sections} | {"agent_id"}, "a new section: add it to this test"
+    missing = [f"{name}.{key}" for name, cls in sections.items() for key in cls.model_fields
+               if f"`{key}`" not in rows.get(name, "")]
+    assert not missing, f"docs/agent.md key table lacks {missing}"
