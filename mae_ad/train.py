@@ -246,6 +246,9 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
         if diffs:
             raise UserError(f"{ckpt_file}: the checkpoint was trained with a different {diffs[0]} "
                             f"({len(diffs)} key(s) differ); resume with the same --config/--set as the original run")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a folder; training keeps its logs and checkpoint in a folder "
+                        "of this name beside --out (move the file, or choose another --out)")
     if run_dir.exists() and any(run_dir.iterdir()) and (resume is None or Path(resume).resolve() not in
                                                        (run_dir.resolve(), (run_dir / CKPT_FILE).resolve())):
         raise UserError(f"{run_dir}: a previous run's logs/checkpoint are there; continue it with --resume {run_dir} "

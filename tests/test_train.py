@@ -104,6 +104,19 @@ def test_existing_bundle_dir_is_refused_and_untouched(synthetic_data, tmp_path):
     assert not run_dir_for(out).exists()  # refused before anything was started
 
 
+def test_a_file_where_the_run_folder_goes_is_refused_and_untouched(synthetic_data, tmp_path):
+    """`OUT.run` is training's log/checkpoint folder; a file of that name (say, a log redirected there) is a user
+    error before any work, not a traceback, and the file is kept."""
+    out = tmp_path / "bundle"
+    log = run_dir_for(out)
+    log.write_text("my shell log")
+    r = cli("train", "--data", str(synthetic_data), "--out", str(out), *sets(tiny_overrides() + ["train.epochs=1"]))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(log) in err[0] and "not a folder" in err[0]
+    assert log.read_text() == "my shell log" and not out.exists()
+
+
 def test_missing_data_folder_is_one_line_error(tmp_path):
     data, out = tmp_path / "data", tmp_path / "bundle"
     r = cli("train", "--data", str(data), "--out", str(out), *sets(tiny_overrides()))
