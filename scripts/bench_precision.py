@@ -142,7 +142,7 @@ def main() -> None:
     ref = scores["torch_fp32"]
     res["agreement"] = {}
     for k, s in scores.items():
-        a = agreement(k, ref, s, thr)
+        a = agreement(k, ref, s, thr, engine=k)
         res["agreement"][k] = {**a.as_dict(), "recall_defects": float((s[labels == 1] > thr).mean()),
                                "fpr_good": float((s[labels == 0] > thr).mean())}
         log.info("%s", a.line())

@@ -80,7 +80,7 @@ class QuantizationRefused(Exception):
 
 @dataclass
 class Agreement:
-    """Decision agreement of the int8 graph with the fp32 graph on one image set."""
+    """Decision agreement of the int8 graph (or another engine: `engine`) with the fp32 graph on one image set."""
 
     name: str
     n: int
@@ -89,6 +89,7 @@ class Agreement:
     int8_anomalous: int
     score_max_rel: float
     score_corr: float
+    engine: str = "int8"  # what `int8_anomalous` counts, as the log line names it
 
     @property
     def fraction(self) -> float:
@@ -101,18 +102,19 @@ class Agreement:
 
     def line(self) -> str:
         return (f"{self.name}: {self.agree}/{self.n} decisions agree ({self.fraction:.2%}); anomalous fp32 "
-                f"{self.fp32_anomalous}, int8 {self.int8_anomalous}; score max rel diff {self.score_max_rel:.3g}, "
-                f"corr {self.score_corr:.4f}")
+                f"{self.fp32_anomalous}, {self.engine} {self.int8_anomalous}; score max rel diff "
+                f"{self.score_max_rel:.3g}, corr {self.score_corr:.4f}")
 
 
-def agreement(name: str, ref: np.ndarray, new: np.ndarray, threshold: float) -> Agreement:
-    """Compare two score vectors [N] at `threshold` (anomalous when score > threshold)."""
+def agreement(name: str, ref: np.ndarray, new: np.ndarray, threshold: float, engine: str = "int8") -> Agreement:
+    """Compare two score vectors [N] at `threshold` (anomalous when score > threshold); `engine` names what made
+    `new` (the fp32 graph made `ref`)."""
     ref, new = np.asarray(ref, np.float64).reshape(-1), np.asarray(new, np.float64).reshape(-1)
     d_ref, d_new = ref > threshold, new > threshold
     rel = np.abs(new - ref) / np.maximum(np.abs(ref), 1e-12)
     corr = float(np.corrcoef(ref, new)[0, 1]) if len(ref) > 1 and ref.std() > 0 and new.std() > 0 else 1.0
     return Agreement(name, len(ref), int((d_ref == d_new).sum()), int(d_ref.sum()), int(d_new.sum()),
-                     float(rel.max()) if len(ref) else 0.0, corr)
+                     float(rel.max()) if len(ref) else 0.0, corr, engine)
 
 
 @dataclass

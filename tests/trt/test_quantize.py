@@ -267,3 +267,13 @@ def test_quantize_refuses_a_bundle_of_another_model(fp32_onnx, synthetic_data, t
     with pytest.raises(UserError, match="is a graph of"):
         quantize_onnx(fp32_onnx, synthetic_data, tmp_path / "m.int8.onnx", bundle=other)
     assert not (tmp_path / "m.int8.onnx").exists()
+
+
+def test_agreement_counts_and_names_the_engine() -> None:
+    """Decisions at the threshold (anomalous when score > threshold) and the log line's engine name."""
+    from trt.quantize import agreement
+
+    a = agreement("good", np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.5, 3.5]), 2.2)
+    assert (a.agree, a.fp32_anomalous, a.int8_anomalous) == (2, 1, 2) and "int8 2" in a.line()
+    b = agreement("torch_bf16", np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]), 2.2, engine="torch_bf16")
+    assert b.fraction == 1.0 and "torch_bf16 1" in b.line() and "int8" not in b.line()
