@@ -222,8 +222,21 @@ def plan_sweep(space_file: str | Path, config: str | Path | None = None, overrid
             errors.append(str(e))
     if errors:  # every bad trial at once, not one per run
         more = f" (and {len(errors) - 1} more trial(s): " + "; ".join(errors[1:]) + ")" if len(errors) > 1 else ""
-        raise UserError(errors[0] + more)
+        raise UserError(errors[0] + more + _list_hint(keys, plan, errors))
     return mode, keys, plan, configs
+
+
+def _list_hint(keys: list[str], plan: list[dict[str, Any]], errors: list[str]) -> str:
+    """A hint when a swept key takes a list and the trials gave it single values: a search space lists each key's
+    values, so one list-valued value is a list inside that list."""
+    bad = [k for k in keys if any(f"{k}: Input should be a valid {t}" in e for e in errors for t in ("list", "tuple"))
+           and not any(isinstance(p.get(k), list) for p in plan)]
+    if not bad:
+        return ""
+    k = bad[0]
+    given = list(dict.fromkeys(p[k] for p in plan if k in p))
+    return (f"; {k} takes a list, and a search space lists each key's values, so sweep it as a list of lists: "
+            f"`{k}: [{_format(given)}]` is one trial with the list {_format(given)}")
 
 
 def run_sweep(

@@ -115,6 +115,24 @@ def test_sweep_refuses_bad_space_before_training(tmp_path, synthetic_data):
     assert (busy / "results.csv").read_text() == "x\n"
 
 
+def test_list_valued_key_swept_as_scalars_gets_the_list_of_lists_hint(tmp_path):
+    """`data.mean: [0.5, 0.5, 0.5]` in a search space is three trials of one number each; the error says how to write
+    one trial with that list, and a correct list of lists validates."""
+    from mae_ad.sweep import plan_sweep
+
+    bad = _space(tmp_path, "data.mean: [0.4, 0.5, 0.6]\n")
+    with pytest.raises(UserError, match=r"data.mean takes a list.*`data.mean: \[\[0.4, 0.5, 0.6\]\]` is one trial"):
+        plan_sweep(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("data.mean: [[0.4, 0.5, 0.6], [0.5, 0.5, 0.5]]\n")
+    mode, keys, plan, configs = plan_sweep(good)
+    assert keys == ["data.mean"] and [list(c.data.mean) for c in configs] == [[0.4, 0.5, 0.6], [0.5, 0.5, 0.5]]
+    scalar = _space(tmp_path, "train.mask_ratio: [0.5, 1.5]\n")
+    with pytest.raises(UserError) as e:
+        plan_sweep(scalar)
+    assert "list of lists" not in str(e.value)  # a plain out-of-range value gets no list hint
+
+
 def test_sweep_real_two_trials(tmp_path, synthetic_data):
     """Two real trials (train 2 epochs at 32 px + evaluate), through the CLI."""
     from typer.testing import CliRunner
