@@ -6,6 +6,7 @@ bundle, and an existing bundle is never overwritten.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import time
@@ -57,6 +58,19 @@ def state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
+def model_id(d: Path, name: str, calibration: dict[str, Any] | None) -> str:
+    """`<name>-<12 hex>`: a SHA-256 over the weights and, for a calibrated bundle, the threshold and the calibration
+    tensors (position statistics, kNN memory, fusion divisors) in `d`. A re-calibration that changes how images are
+    scored gets a new id (the id the agent publishes beside every score, and that `evaluate --engine` checks); only
+    one that reproduces the calibration bit for bit keeps it. `weights_sha256` names the trained weights alone."""
+    h = hashlib.sha256(sha256_file(d / BUNDLE_WEIGHTS).encode())
+    if calibration is not None:
+        h.update(repr(float(calibration["threshold"])).encode())
+        if (d / BUNDLE_CALIB_TENSORS).exists():
+            h.update(sha256_file(d / BUNDLE_CALIB_TENSORS).encode())
+    return f"{name}-{h.hexdigest()[:12]}"
+
+
 def write_bundle_files(
     d: Path, model: MaskedAutoencoderViT, cfg: Config, calibration: dict[str, Any] | None,
     scorer: Scorer | None = None, extra_meta: dict[str, Any] | None = None,
@@ -76,7 +90,7 @@ def write_bundle_files(
         "kind": KIND_BUNDLE,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "name": cfg.name,
-        "model_id": f"{cfg.name}-{sha256_file(d / BUNDLE_WEIGHTS)[:12]}",
+        "model_id": model_id(d, cfg.name, calibration),
         "weights_sha256": sha256_file(d / BUNDLE_WEIGHTS),
         "lora": has_lora(model),
         "merged": False,

@@ -70,6 +70,12 @@ def test_recalibrate_with_training_statistics(synthetic_data, tmp_path):
     assert torch.allclose(saved["map_mean"], mean.view_as(saved["map_mean"]), atol=1e-6)
     old = load_file(str(tmp_path / "b" / BUNDLE_CALIB_TENSORS))
     assert not torch.allclose(saved["map_mean"], old["map_mean"])
+    # other statistics score images differently: a new model_id (published with every score), the same weights
+    m_old, m_new = (json.loads((d / "meta.json").read_text()) for d in (tmp_path / "b", out))
+    assert m_new["model_id"] != m_old["model_id"] and m_new["weights_sha256"] == m_old["weights_sha256"]
+    assert new["recalibrated_from"] == m_old["model_id"] and m_new["model_id"].startswith(cfg.name + "-")
+    save_bundle(tmp_path / "b-again", model, cfg, cal, scorer)  # the same weights and calibration: the same id
+    assert json.loads((tmp_path / "b-again" / "meta.json").read_text())["model_id"] == m_old["model_id"]
 
     with pytest.raises(UserError, match="calibration.holdout_fraction.*stats_source"):
         recalibrate(tmp_path / "b", synthetic_data, tmp_path / "b3", ["calibration.holdout_fraction=0.5"])
