@@ -18,7 +18,7 @@ import torch
 
 from .bundle import load_bundle, staged_dir, write_bundle_files
 from .config import Config, apply_overrides, config_from_dict
-from .contract import Placement, UserError, read_calibration
+from .contract import Placement, UserError, read_calibration, refuse_existing_out
 from .data import index_dataset, load_stack_placed, stats_paths
 from .scoring import Scorer, calibrate
 from .tiling import TiledPlacements, TileSpec, input_policy
@@ -94,6 +94,7 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
         if not item.split("=", 1)[0].strip().startswith(ALLOWED_PREFIXES):
             raise UserError(f"--set {item!r}: calibrate may change only scoring.*, calibration.target_fpr and "
                             "calibration.stats_source")
+    refuse_existing_out(out, "bundle")
     old_cal = read_calibration(bundle)
     holdout = old_cal.get("holdout_images")
     if not holdout:
@@ -102,8 +103,6 @@ def recalibrate(bundle: str | os.PathLike[str], data: str | os.PathLike[str], ou
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise UserError(f"{missing[0]}: held-back image of this bundle not found under --data {data}")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the bundle")
     cfg, model, meta = load_bundle(bundle)
     source = f"{bundle} (with --set {', '.join(overrides)})" if overrides else str(bundle)
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), overrides), source)

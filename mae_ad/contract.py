@@ -347,13 +347,28 @@ def check_creatable(out: str | os.PathLike[str], option: str = "--out") -> None:
         raise UserError(f"{option} {out}: cannot create it under {p} (permission denied)")
 
 
+def refuse_existing_out(out: str | os.PathLike[str], what: str, option: str = "--out") -> None:
+    """UserError, before any work, when the output folder `out` cannot be created (`check_creatable`: a file among its
+    parents, no permission) or already exists as a file or a non-empty folder. `staged_dir` checks again when
+    writing."""
+    out = Path(out)
+    check_creatable(out, option)
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"{out}: a dangling symbolic link is there; refusing to overwrite it (choose another {option})")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: already exists and is a file, not a folder; refusing to overwrite it with the {what} "
+                        f"(choose another {option})")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the {what} "
+                        f"(choose another {option})")
+
+
 @contextmanager
 def staged_dir(out: str | os.PathLike[str], what: str = "bundle") -> Iterator[Path]:
     """Yield a temporary directory next to `out`; on success rename it to `out`, so a crash never leaves half an
     artefact. Refuses an existing `out` that is not an empty directory."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the {what} (choose another --out)")
+    refuse_existing_out(out, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

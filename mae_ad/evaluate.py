@@ -26,12 +26,12 @@ from .contract import (
     BUNDLE_CONFIG,
     Placement,
     UserError,
-    check_creatable,
     crop_valid,
     map_to_source,
     mask_fill,
     read_bundle_meta,
     read_calibration,
+    refuse_existing_out,
     write_json_atomic,
 )
 from .data import (
@@ -104,14 +104,6 @@ def _score_all(engine: ScoringEngine, images: np.ndarray, batch_size: int) -> tu
         maps.append(torch.from_numpy(np.asarray(m, np.float32)))
         scores.append(torch.from_numpy(np.asarray(s, np.float32).reshape(-1)))
     return torch.cat(maps), torch.cat(scores)
-
-
-def refuse_existing_out(out: Path, what: str) -> None:
-    """Fail before any work if `out` cannot be created (bundle.staged_dir checks again when writing)."""
-    check_creatable(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the {what} "
-                        "(choose another --out)")
 
 
 def _finite(x: float | None) -> float | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .contract import UserError, staged_dir
+from .contract import UserError, refuse_existing_out, staged_dir
 from .data import NORMAL_NAMES, decode_image, image_shape, list_images, mask_to_binary
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,7 @@ def prepare_dataset(out: str | os.PathLike[str], good_dirs: Sequence[str | os.Pa
         raise UserError(f"--test-fraction {test_fraction}: must be between 0 and 1 (exclusive)")
     if not good_dirs:
         raise UserError("--good: give at least one folder of normal images")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite it (choose another --out)")
+    refuse_existing_out(out, "dataset")
     normals: list[Path] = []
     seen: set[Path] = set()
     for g in good_dirs:

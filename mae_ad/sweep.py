@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, apply_overrides, config_from_dict, read_yaml
-from .contract import UserError
+from .contract import UserError, refuse_existing_out
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,7 @@ def run_sweep(
     """Run the search; returns the result rows (also in out/results.csv). A failing trial is recorded with its
     error and the sweep goes on; configuration mistakes are refused before anything trains."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite a sweep (choose another --out)")
+    refuse_existing_out(out, "sweep")
     if not Path(data).is_dir():
         raise UserError(f"{data}: data folder not found")
     mode, keys, plan, configs = plan_sweep(space_file, config, overrides, mode, trials, seed)

@@ -40,7 +40,7 @@ from . import data as data_mod
 from .bundle import staged_dir, write_bundle_files
 from .calibrate import fit_knn_memory, training_stats_placed
 from .config import Config, config_from_dict
-from .contract import UserError, write_json_atomic
+from .contract import UserError, refuse_existing_out, write_json_atomic
 from .model import MaskedAutoencoderViT, build_model, count_params
 from .precision import cpu_isa_flags, training_precision
 from .scoring import Scorer, calibrate, normalise_images
@@ -236,8 +236,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
     tc = cfg.train
 
     # 1. Refuse what would fail at the end, before spending an hour training.
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; refusing to overwrite the bundle (choose another --out)")
+    refuse_existing_out(out, "bundle")
     ckpt_tensors, ckpt_info, ckpt_file = None, None, None
     if resume is not None:
         ckpt_tensors, ckpt_info, ckpt_file = read_checkpoint(resume)
@@ -246,7 +245,7 @@ def _run(cfg: Config, data_dir: Path, out: Path, run_dir: Path, resume: str | os
         if diffs:
             raise UserError(f"{ckpt_file}: the checkpoint was trained with a different {diffs[0]} "
                             f"({len(diffs)} key(s) differ); resume with the same --config/--set as the original run")
-    if run_dir.exists() and not run_dir.is_dir():
+    if (run_dir.exists() or run_dir.is_symlink()) and not run_dir.is_dir():
         raise UserError(f"{run_dir}: exists and is not a folder; training keeps its logs and checkpoint in a folder "
                         "of this name beside --out (move the file, or choose another --out)")
     if run_dir.exists() and any(run_dir.iterdir()) and (resume is None or Path(resume).resolve() not in

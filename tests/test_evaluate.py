@@ -271,3 +271,28 @@ def test_baseline_on_a_dataset_without_the_bundles_held_back_images_has_no_thres
     assert 0.0 <= b["image_auroc"] <= 1.0
     assert "no threshold, no F1" in (out / "report.md").read_text()
     assert json.loads((out / "metrics.json").read_text())["baseline"]["threshold"] is None
+
+
+def test_every_command_that_creates_a_folder_refuses_a_file_among_its_parents(bundle, synthetic_data, tmp_path):
+    """`--out DIR/sub` where DIR is a file: one `error:` line naming it, exit 2, no traceback, before any work, and
+    the file untouched: for every command that creates an output folder (evaluate and predict are tested above)."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    out = str(afile / "sub")
+    space = tmp_path / "space.yaml"
+    space.write_text("train.mask_ratio: [0.5]\n")
+    tiny = [a for s in tiny_overrides() for a in ("--set", s)]
+    commands = {
+        "train": ["train", "--data", str(synthetic_data), "--out", out, *tiny],
+        "calibrate": ["calibrate", str(bundle), "--data", str(synthetic_data), "--out", out],
+        "merge": ["merge", str(bundle), "--out", out],
+        "make-corpus": ["make-corpus", "--out", out, "--n", "3"],
+        "prepare-data": ["prepare-data", "--good", str(synthetic_data / "train" / "good"), "--out", out],
+        "sweep": ["sweep", str(space), "--data", str(synthetic_data), "--out", out, *tiny],
+    }
+    for name, args in commands.items():
+        r = subprocess.run([MAE_AD, *args], capture_output=True, text=True, timeout=180)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])
+        assert err[-1].startswith("error: ") and f"{afile} is a file, not a folder" in err[-1], (name, err[-1])
+    assert afile.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "space.yaml"]

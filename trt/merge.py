@@ -18,6 +18,7 @@ from mae_ad.contract import (
     UserError,
     read_bundle_meta,
     read_json,
+    refuse_existing_out,
 )
 
 from .artifacts import bundle_sha256
@@ -34,11 +35,12 @@ def merge_bundle(bundle: str | Path, out: str | Path) -> Path:
     meta = read_bundle_meta(src)
     if meta.merged:
         raise UserError(f"{src}: bundle is already merged (meta.json merged: true); export it directly")
+    if out.resolve() == src.resolve():
+        raise UserError(f"{out}: --out must differ from the source bundle")
+    refuse_existing_out(out, "merged bundle")
     cfg, model, _ = load_bundle(src)
     if not has_lora(model):
         raise UserError(f"{src}: bundle has no LoRA adapters to merge (model.lora.rank=0); export it directly")
-    if out.resolve() == src.resolve():
-        raise UserError(f"{out}: --out must differ from the source bundle")
     calibration = read_json(src / BUNDLE_CALIBRATION, "calibration") if (src / BUNDLE_CALIBRATION).is_file() else None
     n = merge_lora(model)
     extra: dict[str, Any] = {
