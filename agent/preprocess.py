@@ -138,12 +138,15 @@ def box_to_frame(box: tuple[int, int, int, int], crop: Crop, size: int) -> list[
 def anomalous_box(amap: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
     """Box [x0, y0, x1, y1) around the connected anomalous region holding the map's maximum.
 
-    Pixels above `threshold` form the region (the image score is a reduction of the map, so with `max` the peak pixel
-    is above it); if none is, half the peak is used.
+    The region is the pixels above the threshold and above half the peak (the half-maximum contour, as a spot's
+    width is measured at half its height): a strong defect's smoothed tail stays above the threshold far from
+    the defect (a 25-px spot scored 60x the threshold had the whole 160-px frame above it), and its box would say
+    nothing of where it is; a defect just above the threshold is boxed at the threshold. A map with no pixel above
+    the threshold is boxed at half its peak.
     """
     m = amap.reshape(amap.shape[-2], amap.shape[-1])
     peak = float(m.max())
-    level = threshold if peak > threshold else 0.5 * peak
+    level = max(threshold, 0.5 * peak) if peak > threshold else 0.5 * peak
     mask = (m > level).astype(np.uint8)
     if not mask.any():
         y, x = np.unravel_index(int(np.argmax(m)), m.shape)

@@ -368,3 +368,16 @@ def test_example_configs_validate():
     for f in files:
         cfg = load_agent_config(f)
         assert cfg.cameras
+
+
+def test_box_of_a_strong_defect_is_its_half_maximum_region_not_its_tail():
+    """A spot scored far above the threshold: its smoothed tail stays above the threshold almost everywhere, and the
+    box is the half-maximum region around the spot; a spot just above the threshold is boxed at the threshold."""
+    from agent.preprocess import anomalous_box
+
+    yy, xx = np.mgrid[:160, :160]
+    blob = np.exp(-((yy - 80.0) ** 2 + (xx - 60.0) ** 2) / (2 * 12.0 ** 2)).astype(np.float32)
+    x0, y0, x1, y1 = anomalous_box(450.0 * blob, 7.0)  # above 7 out to r ~ 35 px; half max at r ~ 14 px
+    assert 40 <= x0 <= 50 and 70 <= x1 <= 80 and 60 <= y0 <= 70 and 90 <= y1 <= 100, (x0, y0, x1, y1)
+    x0, y0, x1, y1 = anomalous_box(10.0 * blob, 7.0)  # faint: 0.7 of the peak is the binding level
+    assert 48 <= x0 <= 52 and 68 <= x1 <= 72, (x0, x1)
