@@ -426,7 +426,7 @@ def agent_config_from_dict(data: dict[str, Any], source: str = "<agent config>")
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        raise UserError(redact(format_validation_error(e, source))) from None
+        raise UserError(redact(format_validation_error(e, source, model=AgentConfig))) from None
 
 
 def load_agent_config(path: str | Path, overrides: list[str] | None = None) -> AgentConfig:

@@ -386,7 +386,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise UserError(_format_validation_error(e, source)) from None
+        raise UserError(_format_validation_error(e, source, model=Config)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -58,14 +58,44 @@ class UserError(Exception):
 
 
 # --- configuration helpers (the learning stage's and the agent's YAML) -------------------------------------------
-def format_validation_error(err: ValidationError, source: str, what: str = "configuration") -> str:
-    """One line naming every field at fault: `<source>: invalid <what>: a.b: msg; c: msg`."""
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section at `loc` (a validation error's location, list indices included) of `model`;
+    [] where the path leaves the models (a dict, a list of scalars)."""
+    import typing
+
+    node: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        node = None
+        for t in [fields[part].annotation, *typing.get_args(fields[part].annotation)]:
+            for u in [t, *typing.get_args(t)]:  # Optional[Model], list[Model]
+                if isinstance(u, type) and issubclass(u, BaseModel):
+                    node = u
+        if node is None:
+            return []
+    return list(getattr(node, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, source: str, what: str = "configuration",
+                            model: type[BaseModel] | None = None) -> str:
+    """One line naming every field at fault: `<source>: invalid <what>: a.b: msg; c: msg`. With `model` (the class
+    validated), an unknown key gets the nearest known key of its section (`did you mean 'epochs'?`, difflib)."""
+    import difflib
+
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            near = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(model, tuple(e["loc"][:-1])), n=1,
+                                             cutoff=0.6) if model is not None and e["loc"] else []
+            if near:
+                msg += f" (did you mean {near[0]!r}?)"
         msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)  # whole-config checks name their keys in the message
     return f"{source}: invalid {what}: " + "; ".join(parts)

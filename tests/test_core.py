@@ -241,3 +241,21 @@ def test_validate_config_checks_a_sweep_file_trial_by_trial(tmp_path):
     listed.write_text("model: {preset: [tiny-p8, tiny-p8-d2]}\n")
     p = subprocess.run([sys.executable, "-m", "app.cli", "validate-config", str(listed)], capture_output=True, text=True)
     assert p.returncode == 2 and "unknown preset ['tiny-p8', 'tiny-p8-d2']" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(("override", "suggestion"), [
+    ("train.epoch=3", "train.epoch: unknown key (did you mean 'epochs'?)"),
+    ("trian.epochs=3", "trian: unknown key (did you mean 'train'?)"),
+    ("model.backbone.layer=3", "model.backbone.layer: unknown key (did you mean 'layers'?)"),
+    ("scoring.zzzz=1", "scoring.zzzz: unknown key"),
+])
+def test_unknown_key_names_the_nearest_known_key_of_its_section(override, suggestion):
+    from mae_ad.config import load_config
+    from mae_ad.contract import UserError
+
+    with pytest.raises(UserError) as e:
+        load_config(None, ["model.backbone.name=efficientnet_lite0", override]
+                    if override.startswith("model.backbone") else [override])
+    assert suggestion in str(e.value)
+    if "did you mean" not in suggestion:
+        assert "did you mean" not in str(e.value)

@@ -148,3 +148,17 @@ def test_docs_key_table_lists_every_config_key():
     missing = [f"{name}.{key}" for name, cls in sections.items() for key in cls.model_fields
                if f"`{key}`" not in rows.get(name, "")]
     assert not missing, f"docs/agent.md key table lacks {missing}"
+
+
+def test_unknown_agent_keys_get_the_nearest_known_key(tmp_path):
+    """Through a camera list and a nested section: `cameras.0.trheshold` -> threshold, `mqtt.spool.max_mesages` ->
+    max_messages; a key with no near neighbour gets none."""
+    from agent.config import load_agent_config
+
+    cfg = write(tmp_path, MINIMAL)
+    with pytest.raises(UserError) as e:
+        load_agent_config(cfg, ["cameras.0.trheshold=3", "mqtt.spool.max_mesages=3", "mqtt.zzz=1"])
+    msg = str(e.value)
+    assert "cameras.0.trheshold: unknown key (did you mean 'threshold'?)" in msg
+    assert "mqtt.spool.max_mesages: unknown key (did you mean 'max_messages'?)" in msg
+    assert "mqtt.zzz: unknown key" in msg and "mqtt.zzz: unknown key (" not in msg
