@@ -102,6 +102,7 @@ class Source(Protocol):
     def interrupt(self) -> None: ...  # from another thread: make a blocked read() return soon
 
 
+REMIND_S = 60.0  # an unchanged failure to open a camera is logged again this often (debug lines in between)
 MJPEG_FOURCCS = ("MJPG", "MJPEG", "JPEG", "AVRN", "LJPG", "DMB1")  # FFmpeg's MJPEG codec tags: intra-only JPEGs
 
 
@@ -646,6 +647,7 @@ class CameraReader:
     def _run(self, gen: int) -> None:
         attempts = 0
         delay = self.cap_cfg.reconnect_initial_s
+        said, said_t, failing_since = "", 0.0, 0.0  # the open failure last logged as a warning, when; first failure
         while self._current(gen):
             with self._status_lock:
                 if gen != self._gen:
@@ -668,11 +670,19 @@ class CameraReader:
                     log.error("camera %s: %s", self.name, redact(e))
                     return
                 self._set_status(RECONNECTING, str(e))
-                log.warning("camera %s: %s; retrying in %.1f s", self.name, redact(e), delay)
+                now, why = time.monotonic(), redact(e)
+                failing_since = failing_since or now
+                if why != said or now - said_t >= REMIND_S:  # a new cause now, an unchanged one once a minute
+                    log.warning("camera %s: %s; retrying in %.1f s%s", self.name, why, delay,
+                                f" (attempt {attempts}, failing for {now - failing_since:.0f} s)" if why == said else "")
+                    said, said_t = why, now
+                else:
+                    log.debug("camera %s: %s; retrying in %.1f s (attempt %d)", self.name, why, delay, attempts)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.cap_cfg.reconnect_max_s)
                 continue
             self._open_started = None
+            said, failing_since = "", 0.0  # opened: the next failure is news
             with self._status_lock:
                 if gen != self._gen:
                     src.close()

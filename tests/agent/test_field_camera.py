@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.capture import ENDED, RECONNECTING, STREAMING, CameraReader
+from agent.capture import ENDED, RECONNECTING, STREAMING, CameraReader, SourceError
 from agent.config import CameraSection, CaptureSection, load_agent_config, redact
 from mae_ad.contract import UserError
 from tests.agent.conftest import AgentThread, Recorder, agent_cfg, wait_until
@@ -812,3 +812,49 @@ def test_an_open_that_never_returns_is_reported_not_silent():
     finally:
         _HangingOpen.release.set()
         reader.stop()
+
+
+class _RefusingSource:
+    """A camera that never opens: the refusal's text is the class attribute `why` at the time of the attempt."""
+
+    why = "unreachable: 10.0.0.5:554: Connection refused"
+    attempts = 0
+
+    def __init__(self, cam, cap) -> None:
+        pass
+
+    def open(self) -> None:
+        _RefusingSource.attempts += 1
+        raise SourceError(_RefusingSource.why)
+
+    def close(self) -> None:
+        pass
+
+    def interrupt(self) -> None:
+        pass
+
+
+def test_a_camera_that_keeps_failing_warns_once_per_cause_not_per_retry(caplog):
+    """Retries every 20-40 ms: the same cause is one warning (then a reminder a minute), every attempt a debug line;
+    a new cause is a new warning; the status says reconnecting all along."""
+
+    _RefusingSource.attempts = 0
+    cam = CameraSection(name="dead", source="rtsp://10.0.0.5/stream")
+    cap = CaptureSection(reconnect_initial_s=0.02, reconnect_max_s=0.04)
+    reader = CameraReader(cam, cap, threading.Event(), source_factory=_RefusingSource)
+    with caplog.at_level(logging.DEBUG, logger="agent.capture"):
+        reader.start()
+        try:
+            assert wait_until(lambda: _RefusingSource.attempts >= 15, 10)
+            _RefusingSource.why = "RTSP 401 Unauthorized (credentials wrong or missing)"
+            n = _RefusingSource.attempts
+            assert wait_until(lambda: _RefusingSource.attempts >= n + 10, 10)
+            assert reader.status == RECONNECTING and "401" in (reader.detail or "")
+        finally:
+            reader.stop()
+            _RefusingSource.why = "unreachable: 10.0.0.5:554: Connection refused"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "dead" in r.getMessage()]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and "retrying" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "Connection refused" in warnings[0] and "401" in warnings[1]
+    assert len(debug) >= 20
