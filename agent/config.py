@@ -32,6 +32,14 @@ _SECRET_KEYS = ("password", "passwd", "pass", "pwd", "pw", "user-pw", "user_pw",
 _KEY_VALUE = re.compile(r"(?P<k>(?<![A-Za-z0-9_-])(?:" + "|".join(re.escape(k) for k in _SECRET_KEYS)
                         + r")\s*=\s*)(?P<v>\"[^\"]*\"|'[^']*'|[^&\s'\";!]*)", re.I)
 MASK = "***"
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+def env_var_named(name: str) -> str:
+    """How an error names the environment variable a `*_env` key names: by its name when it looks like one
+    (MQTT_PASSWORD), else not at all, in case a secret was written where its variable's name belongs."""
+    return f"environment variable {name}" if _ENV_NAME.match(name) else \
+        "the environment variable it names (not shown: it does not look like a variable name; is it the secret itself?)"
 
 
 def redact(text: object) -> str:
@@ -316,7 +324,7 @@ class MqttSection(Section):
         if self.password_env:
             v = os.environ.get(self.password_env)
             if v is None:
-                raise UserError(f"mqtt.password_env: environment variable {self.password_env} is not set")
+                raise UserError(f"mqtt.password_env: {env_var_named(self.password_env)} is not set")
             return v
         if self.password_file:
             p = Path(self.password_file)
@@ -365,7 +373,7 @@ class WebSection(Section):
         if self.token_env:
             v = os.environ.get(self.token_env)
             if v is None:
-                raise UserError(f"web.token_env: environment variable {self.token_env} is not set")
+                raise UserError(f"web.token_env: {env_var_named(self.token_env)} is not set")
             where = f"web.token_env: environment variable {self.token_env}"
         elif self.token_file:
             p = Path(self.token_file)

@@ -80,6 +80,25 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(node, "model_fields", {}))
 
 
+def _paths_named(model: type[BaseModel], name: str, prefix: str = "") -> list[str]:
+    """Dotted paths of every key called `name` in `model`'s sections (a key written into the wrong section)."""
+    import typing
+
+    out = []
+    for field, info in getattr(model, "model_fields", {}).items():
+        path = f"{prefix}{field}"
+        if field == name:
+            out.append(path)
+        subs: dict[type[BaseModel], str] = {}  # each section model under this key once; "[]." for a list of them
+        for t in [info.annotation, *typing.get_args(info.annotation)]:
+            for u in [t, *typing.get_args(t)]:
+                if isinstance(u, type) and issubclass(u, BaseModel) and u is not model:
+                    subs[u] = "[]." if typing.get_origin(t) is list or subs.get(u) == "[]." else "."
+        for u, sep in subs.items():
+            out += _paths_named(u, name, path + sep)
+    return list(dict.fromkeys(out))
+
+
 def format_validation_error(err: ValidationError, source: str, what: str = "configuration",
                             model: type[BaseModel] | None = None) -> str:
     """One line naming every field at fault: `<source>: invalid <what>: a.b: msg; c: msg`. With `model` (the class
@@ -92,9 +111,16 @@ def format_validation_error(err: ValidationError, source: str, what: str = "conf
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-            near = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(model, tuple(e["loc"][:-1])), n=1,
-                                             cutoff=0.6) if model is not None and e["loc"] else []
-            if near:
+            key = str(e["loc"][-1]) if e["loc"] else ""
+            known = _known_keys(model, tuple(e["loc"][:-1])) if model is not None and e["loc"] else []
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            elsewhere = _paths_named(model, key) if model is not None and key else []
+            if f"{key}_env" in known:  # a secret written into the config: never point at a key to write it into
+                msg += (f" (a secret never goes in the config: set {key}_env to the NAME of an environment variable "
+                        f"that holds it, or {key}_file to a file)")
+            elif elsewhere:  # the right key in the wrong section
+                msg += " (did you mean " + " or ".join(repr(p) for p in elsewhere[:3]) + "?)"
+            elif near:
                 msg += f" (did you mean {near[0]!r}?)"
         msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)  # whole-config checks name their keys in the message

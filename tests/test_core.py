@@ -248,6 +248,8 @@ def test_validate_config_checks_a_sweep_file_trial_by_trial(tmp_path):
     ("trian.epochs=3", "trian: unknown key (did you mean 'train'?)"),
     ("model.backbone.layer=3", "model.backbone.layer: unknown key (did you mean 'layers'?)"),
     ("scoring.zzzz=1", "scoring.zzzz: unknown key"),
+    ("train.lora.rank=3", "train.lora: unknown key (did you mean 'model.lora'?)"),
+    ("train.knn_weight=1", "train.knn_weight: unknown key (did you mean 'scoring.knn_weight'?)"),
 ])
 def test_unknown_key_names_the_nearest_known_key_of_its_section(override, suggestion):
     from mae_ad.config import load_config

@@ -82,11 +82,12 @@ def bundle_sha256(bundle: str | os.PathLike[str]) -> str:
 
 
 def refuse_existing(*paths: Path, what: str) -> None:
-    """UserError when any of `paths` exists, or when the first cannot be created (an ancestor is a file)."""
+    """UserError when any of `paths` exists (a dangling symbolic link counts: writing would replace it), or when the
+    first cannot be created (an ancestor is a file)."""
     if paths:
         check_creatable(paths[0])
     for p in paths:
-        if p.exists():
+        if p.exists() or p.is_symlink():
             raise UserError(f"{p}: already exists; refusing to overwrite the {what} (choose another --out)")
 
 

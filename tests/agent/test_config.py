@@ -162,3 +162,32 @@ def test_unknown_agent_keys_get_the_nearest_known_key(tmp_path):
     assert "cameras.0.trheshold: unknown key (did you mean 'threshold'?)" in msg
     assert "mqtt.spool.max_mesages: unknown key (did you mean 'max_messages'?)" in msg
     assert "mqtt.zzz: unknown key" in msg and "mqtt.zzz: unknown key (" not in msg
+
+
+def test_a_password_written_into_the_config_is_never_steered_into_another_key(tmp_path, monkeypatch):
+    """`mqtt.password` gets the secret rule, not `did you mean 'password_env'` (which would take the password as a
+    variable name and print it when the variable is missing); a secret-looking `password_env` is not echoed."""
+    from agent.config import load_agent_config
+
+    cfg = write(tmp_path, MINIMAL)
+    with pytest.raises(UserError) as e:
+        load_agent_config(cfg, ["mqtt.password=hunter2"])
+    assert "a secret never goes in the config" in str(e.value) and "did you mean" not in str(e.value)
+    assert "hunter2" not in str(e.value)
+    monkeypatch.delenv("hunter2", raising=False)
+    monkeypatch.delenv("MQTT_PASSWORD", raising=False)
+    c = load_agent_config(cfg, ["mqtt.username=u", "mqtt.password_env=hunter2"])
+    with pytest.raises(UserError) as e:
+        c.mqtt.password()
+    assert "hunter2" not in str(e.value) and "is not set" in str(e.value)
+    c = load_agent_config(cfg, ["mqtt.username=u", "mqtt.password_env=MQTT_PASSWORD"])
+    with pytest.raises(UserError, match="environment variable MQTT_PASSWORD is not set"):
+        c.mqtt.password()
+
+
+def test_a_key_in_the_wrong_section_names_where_it_belongs(tmp_path):
+    from agent.config import load_agent_config
+
+    with pytest.raises(UserError) as e:
+        load_agent_config(write(tmp_path, MINIMAL), ["mqtt.threshold=3"])
+    assert "mqtt.threshold: unknown key (did you mean 'model.threshold' or 'cameras[].threshold'?)" in str(e.value)

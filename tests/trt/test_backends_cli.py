@@ -108,6 +108,10 @@ def test_cli_bad_inputs(tmp_path, tiny_bundle, onnx_model):
     before = onnx_model.read_bytes()
     _one_error(_cli("export", str(tiny_bundle), "--out", str(onnx_model)), "already exists")
     assert onnx_model.read_bytes() == before
+    dangling = tmp_path / "dangling.onnx"  # a link to nowhere is not replaced by a file either
+    dangling.symlink_to(tmp_path / "nowhere.onnx")
+    _one_error(_cli("export", str(tiny_bundle), "--out", str(dangling)), "already exists")
+    assert dangling.is_symlink() and not (tmp_path / "nowhere.onnx").exists()
     merged = tmp_path / "merged"
     r = _cli("merge", str(tiny_bundle), "--out", str(merged))
     assert r.returncode == 0, r.stderr
