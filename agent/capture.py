@@ -102,6 +102,21 @@ class Source(Protocol):
     def interrupt(self) -> None: ...  # from another thread: make a blocked read() return soon
 
 
+def quiet_native_logs() -> None:
+    """Quieten what OpenCV and FFmpeg print to stderr on their own, outside the logger: a line or two on every failed
+    open or retry of a camera (`[tcp @ ...] Connection refused`, `cap.cpp:212 ... can't be used to capture by name`),
+    thousands an hour for one dead camera. The reader names each cause itself (a warning per new cause, a reminder a
+    minute, the status and /healthz). Set OPENCV_FFMPEG_LOGLEVEL (e.g. 24) or OPENCV_LOG_LEVEL (e.g. INFO) in the
+    environment to bring them back."""
+    import os
+
+    import cv2
+
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "8")  # AV_LOG_FATAL; read when FFmpeg opens a source
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 REMIND_S = 60.0  # an unchanged failure to open a camera is logged again this often (debug lines in between)
 MJPEG_FOURCCS = ("MJPG", "MJPEG", "JPEG", "AVRN", "LJPG", "DMB1")  # FFmpeg's MJPEG codec tags: intra-only JPEGs
 
@@ -505,6 +520,7 @@ class CameraReader:
         self.on_status = on_status
         self.source_factory = source_factory
         self.stats = ReaderStats()
+        quiet_native_logs()
         self.status = STARTING
         self.detail: str | None = None
         self.last_frame_t = time.monotonic()  # last new frame (or end of a deliberate pause between requests)

@@ -858,3 +858,27 @@ def test_a_camera_that_keeps_failing_warns_once_per_cause_not_per_retry(caplog):
     assert len(warnings) == 2, warnings
     assert "Connection refused" in warnings[0] and "401" in warnings[1]
     assert len(debug) >= 20
+
+
+def test_a_dead_camera_does_not_flood_stderr_with_opencv_and_ffmpeg_lines():
+    """Retrying an unreachable RTSP camera, OpenCV and FFmpeg print lines of their own on every attempt (outside the
+    logger); the reader quietens them unless the environment asks for them."""
+    code = ("import threading, time\n"
+            "from agent.capture import CameraReader\n"
+            "from agent.config import CameraSection, CaptureSection\n"
+            "r = CameraReader(CameraSection(name='dead', source='rtsp://127.0.0.1:9/stream'),\n"
+            "                 CaptureSection(reconnect_initial_s=0.05, reconnect_max_s=0.1), threading.Event())\n"
+            "r.start(); time.sleep(2); r.stop(); print('attempts', r.stats.reconnects)\n")
+    root = Path(__file__).resolve().parents[2]
+
+    def run(env: dict[str, str]) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")} | env
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stderr + r.stdout  # FFmpeg's lines go to either, depending on OpenCV's log callback
+
+    quiet = run({})
+    assert "Connection to tcp://" not in quiet and "cap.cpp" not in quiet, quiet[-2000:]
+    assert quiet.count("camera dead:") <= 2  # the reader's own warning (stderr handler of the last-resort logger)
+    loud = run({"OPENCV_FFMPEG_LOGLEVEL": "24"})
+    assert loud.count("Connection to tcp://127.0.0.1:9") >= 3  # FFmpeg's own line on every attempt, asked for
