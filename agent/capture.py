@@ -522,6 +522,7 @@ class CameraReader:
         self.stats = ReaderStats()
         quiet_native_logs()
         self.status = STARTING
+        self.status_since = time.monotonic()  # when `status` last changed
         self.detail: str | None = None
         self.last_frame_t = time.monotonic()  # last new frame (or end of a deliberate pause between requests)
         self._slot: Frame | None = None
@@ -647,6 +648,8 @@ class CameraReader:
         with self._status_lock:
             if status != self.status or (status != STREAMING and detail != self.detail):
                 changed = status != self.status
+                if changed:
+                    self.status_since = time.monotonic()
                 self.status = status
                 self.detail = None if status == STREAMING else (redact(detail) if detail else None)
                 if changed:

@@ -544,12 +544,18 @@ class Agent:
         }
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        stale = time.monotonic() - self.last_tick > self.cfg.health.stale_s
+        now, stale_s = time.monotonic(), self.cfg.health.stale_s
+        stale = now - self.last_tick > stale_s
         statuses = {n: (PAUSED if cs.paused else cs.reader.status) for n, cs in self.cams.items()}
         all_failed = all(s == FAILED for s in statuses.values())
-        ok = not stale and not all_failed and not self.stop_event.is_set()
+        # cameras that should deliver (not paused by an operator, not a file that ended) and have not for stale_s
+        live = {n: cs for n, cs in self.cams.items() if statuses[n] not in (PAUSED, ENDED)}
+        blind = sorted(n for n, cs in live.items() if statuses[n] != STREAMING and now - cs.reader.status_since > stale_s)
+        all_blind = bool(live) and len(blind) == len(live)
+        ok = not stale and not all_failed and not all_blind and not self.stop_event.is_set()
         reasons = {n: cs.reader.detail for n, cs in self.cams.items() if cs.reader.detail}
         return ok, {"ok": ok, "loop_stale": stale, "cameras": statuses, "camera_reasons": reasons,
+                    "cameras_blind": blind,
                     "spool_depth": self.spool.depth,
                     **(self.link.health() if self.link else {"mqtt_connected": False, "mqtt_error": None})}
 

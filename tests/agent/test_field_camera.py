@@ -882,3 +882,22 @@ def test_a_dead_camera_does_not_flood_stderr_with_opencv_and_ffmpeg_lines():
     assert quiet.count("camera dead:") <= 2  # the reader's own warning (stderr handler of the last-resort logger)
     loud = run({"OPENCV_FFMPEG_LOGLEVEL": "24"})
     assert loud.count("Connection to tcp://127.0.0.1:9") >= 3  # FFmpeg's own line on every attempt, asked for
+
+
+def test_healthz_fails_when_every_camera_that_should_deliver_has_not_for_stale_s(tmp_path, video):
+    """A camera that keeps reconnecting (max_attempts 0) never becomes `failed`; beside a streaming one the agent is
+    healthy, alone it makes /healthz fail once it has not streamed for health.stale_s, and it is named."""
+    from agent.broker import free_port
+
+    dead = {"name": "dead", "source": "rtsp://127.0.0.1:9/stream"}
+    live = {"name": "live", "source": str(video["path"]), "loop": True}
+    for cams, healthy in (([dead, live], True), ([dead], False)):
+        cfg = agent_cfg(tmp_path / str(len(cams)), free_port(), cams, health={"stale_s": 1.0})
+        at = AgentThread(cfg).start()
+        try:
+            time.sleep(2.5)
+            ok, body = at.agent.health()
+        finally:
+            at.stop()
+        assert body["cameras"]["dead"] == RECONNECTING and body["cameras_blind"] == ["dead"], body
+        assert ok is healthy and body["ok"] is healthy, body
