@@ -214,15 +214,20 @@ def plan_sweep(space_file: str | Path, config: str | Path | None = None, overrid
     base = apply_overrides(read_yaml(config) if config is not None else {}, overrides)
     over = str(config) if config is not None else "the built-in defaults"
     # every trial validated up front; an error names the sweep file, the trial and the base config
-    configs, errors = [], []
+    configs, errors, shown = [], [], []
+    seen: dict[str, str] = {}  # an error's text after its trial -> the first trial that had it
     for i, p in enumerate(plan):
+        name = repr(p.get("name", i))
         try:
-            configs.append(trial_config(base, p, f"{space_file}: trial {p.get('name', i)!r} over {over}"))
+            configs.append(trial_config(base, p, f"{space_file}: trial {name} over {over}"))
         except UserError as e:
             errors.append(str(e))
-    if errors:  # every bad trial at once, not one per run
-        more = f" (and {len(errors) - 1} more trial(s): " + "; ".join(errors[1:]) + ")" if len(errors) > 1 else ""
-        raise UserError(errors[0] + more + _list_hint(keys, plan, errors))
+            why = str(e).split("): ", 1)[-1]  # "invalid configuration: key: msg", without the trial's own values
+            shown.append(f"trial {name}: the same as trial {seen[why]}" if why in seen else str(e))
+            seen.setdefault(why, name)
+    if errors:  # every bad trial at once, not one per run; a repeated error once
+        more = f" (and {len(errors) - 1} more trial(s): " + "; ".join(shown[1:]) + ")" if len(errors) > 1 else ""
+        raise UserError(shown[0] + more + _list_hint(keys, plan, errors))
     return mode, keys, plan, configs
 
 

@@ -133,6 +133,19 @@ def test_list_valued_key_swept_as_scalars_gets_the_list_of_lists_hint(tmp_path):
     assert "list of lists" not in str(e.value)  # a plain out-of-range value gets no list hint
 
 
+def test_one_mistake_in_every_trial_is_reported_once(tmp_path):
+    """A typo'd key swept over three values: the error in full once, the other trials point back to it."""
+    from mae_ad.sweep import plan_sweep
+
+    with pytest.raises(UserError) as e:
+        plan_sweep(_space(tmp_path, "train.epoch: [1, 2, 3]\n"))
+    msg = str(e.value)
+    assert msg.count("unknown key") == 1 and "trial 1: the same as trial 0; trial 2: the same as trial 0" in msg
+    with pytest.raises(UserError) as e:  # different mistakes are each spelled out
+        plan_sweep(_space(tmp_path, "train.mask_ratio: [1.5, -1]\n"))
+    assert str(e.value).count("train.mask_ratio") >= 4 and "the same as" not in str(e.value)
+
+
 def test_sweep_real_two_trials(tmp_path, synthetic_data):
     """Two real trials (train 2 epochs at 32 px + evaluate), through the CLI."""
     from typer.testing import CliRunner
