@@ -150,6 +150,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         node = data
         for p in path[:-1]:
             nxt = node.setdefault(p, {})
+            if isinstance(nxt, list):
+                raise UserError(f"--set {item!r}: {p} is a list: name an item by its index ({p}.0.<key>=...)")
             if not isinstance(nxt, dict):
                 raise UserError(f"--set {item!r}: {p} is not a section")
             node = nxt

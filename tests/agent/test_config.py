@@ -191,3 +191,10 @@ def test_a_key_in_the_wrong_section_names_where_it_belongs(tmp_path):
     with pytest.raises(UserError) as e:
         load_agent_config(write(tmp_path, MINIMAL), ["mqtt.threshold=3"])
     assert "mqtt.threshold: unknown key (did you mean 'model.threshold' or 'cameras[].threshold'?)" in str(e.value)
+
+
+def test_a_camera_named_instead_of_indexed_in_set_says_how_to_index(tmp_path):
+    from agent.config import load_agent_config
+
+    with pytest.raises(UserError, match=r"cameras is a list: name an item by its index \(cameras\.0\.<key>=\.\.\.\)"):
+        load_agent_config(write(tmp_path, MINIMAL), ["cameras.line1.threshold=3"])
