@@ -113,7 +113,9 @@ def format_validation_error(err: ValidationError, source: str, what: str = "conf
             msg = "unknown key"
             key = str(e["loc"][-1]) if e["loc"] else ""
             known = _known_keys(model, tuple(e["loc"][:-1])) if model is not None and e["loc"] else []
-            near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            # keys it begins (mask -> mask_ratio, mask_mode), else the closest spelling
+            near = [k for k in known if k.startswith(key + "_")][:3] or difflib.get_close_matches(key, known, n=1,
+                                                                                                  cutoff=0.6)
             elsewhere = _paths_named(model, key) if model is not None and key else []
             if f"{key}_env" in known:  # a secret written into the config: never point at a key to write it into
                 msg += (f" (a secret never goes in the config: set {key}_env to the NAME of an environment variable "
@@ -121,7 +123,7 @@ def format_validation_error(err: ValidationError, source: str, what: str = "conf
             elif elsewhere:  # the right key in the wrong section
                 msg += " (did you mean " + " or ".join(repr(p) for p in elsewhere[:3]) + "?)"
             elif near:
-                msg += f" (did you mean {near[0]!r}?)"
+                msg += " (did you mean " + " or ".join(repr(k) for k in near) + "?)"
         msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)  # whole-config checks name their keys in the message
     return f"{source}: invalid {what}: " + "; ".join(parts)

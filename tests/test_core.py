@@ -250,6 +250,7 @@ def test_validate_config_checks_a_sweep_file_trial_by_trial(tmp_path):
     ("scoring.zzzz=1", "scoring.zzzz: unknown key"),
     ("train.lora.rank=3", "train.lora: unknown key (did you mean 'model.lora'?)"),
     ("train.knn_weight=1", "train.knn_weight: unknown key (did you mean 'scoring.knn_weight'?)"),
+    ("train.mask=0.5", "train.mask: unknown key (did you mean 'mask_ratio' or 'mask_mode'?)"),
 ])
 def test_unknown_key_names_the_nearest_known_key_of_its_section(override, suggestion):
     from mae_ad.config import load_config
