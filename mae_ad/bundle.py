@@ -58,12 +58,12 @@ def state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def model_id(d: Path, name: str, calibration: dict[str, Any] | None) -> str:
-    """`<name>-<12 hex>`: a SHA-256 over the weights and, for a calibrated bundle, the threshold and the calibration
+def model_id(d: Path, name: str, calibration: dict[str, Any] | None, weights_sha256: str) -> str:
+    """`<name>-<12 hex>`: a SHA-256 over the weights (`weights_sha256`, their file's hash) and, for a calibrated bundle, the threshold and the calibration
     tensors (position statistics, kNN memory, fusion divisors) in `d`. A re-calibration that changes how images are
     scored gets a new id (the id the agent publishes beside every score, and that `evaluate --engine` checks); only
     one that reproduces the calibration bit for bit keeps it. `weights_sha256` names the trained weights alone."""
-    h = hashlib.sha256(sha256_file(d / BUNDLE_WEIGHTS).encode())
+    h = hashlib.sha256(weights_sha256.encode())
     if calibration is not None:
         h.update(repr(float(calibration["threshold"])).encode())
         if (d / BUNDLE_CALIB_TENSORS).exists():
@@ -85,13 +85,14 @@ def write_bundle_files(
             save_file(tensors, str(d / BUNDLE_CALIB_TENSORS))
     from .lora import has_lora
 
+    weights_sha = sha256_file(d / BUNDLE_WEIGHTS)
     record: dict[str, Any] = {
         "format_version": SCHEMA_VERSION,
         "kind": KIND_BUNDLE,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "name": cfg.name,
-        "model_id": model_id(d, cfg.name, calibration),
-        "weights_sha256": sha256_file(d / BUNDLE_WEIGHTS),
+        "model_id": model_id(d, cfg.name, calibration, weights_sha),
+        "weights_sha256": weights_sha,
         "lora": has_lora(model),
         "merged": False,
         "input": {"size": cfg.model.img_size, "channels": 3, "layout": "NCHW", "range": [0, 1],

@@ -58,11 +58,22 @@ class UserError(Exception):
 
 
 # --- configuration helpers (the learning stage's and the agent's YAML) -------------------------------------------
+def _section_models(annotation: Any) -> dict[type[BaseModel], bool]:
+    """The section models a field's annotation holds (`Model`, `Model | None`, `list[Model]`), each once, mapped to
+    whether it comes as a list."""
+    import typing
+
+    subs: dict[type[BaseModel], bool] = {}
+    for t in [annotation, *typing.get_args(annotation)]:
+        for u in [t, *typing.get_args(t)]:
+            if isinstance(u, type) and issubclass(u, BaseModel):
+                subs[u] = subs.get(u, False) or typing.get_origin(t) is list
+    return subs
+
+
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names of the section at `loc` (a validation error's location, list indices included) of `model`;
     [] where the path leaves the models (a dict, a list of scalars)."""
-    import typing
-
     node: Any = model
     for part in loc:
         if isinstance(part, int):
@@ -70,32 +81,23 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         fields = getattr(node, "model_fields", None)
         if not fields or part not in fields:
             return []
-        node = None
-        for t in [fields[part].annotation, *typing.get_args(fields[part].annotation)]:
-            for u in [t, *typing.get_args(t)]:  # Optional[Model], list[Model]
-                if isinstance(u, type) and issubclass(u, BaseModel):
-                    node = u
-        if node is None:
+        subs = _section_models(fields[part].annotation)
+        if not subs:
             return []
+        node = list(subs)[-1]
     return list(getattr(node, "model_fields", {}))
 
 
 def _paths_named(model: type[BaseModel], name: str, prefix: str = "") -> list[str]:
     """Dotted paths of every key called `name` in `model`'s sections (a key written into the wrong section)."""
-    import typing
-
     out = []
     for field, info in getattr(model, "model_fields", {}).items():
         path = f"{prefix}{field}"
         if field == name:
             out.append(path)
-        subs: dict[type[BaseModel], str] = {}  # each section model under this key once; "[]." for a list of them
-        for t in [info.annotation, *typing.get_args(info.annotation)]:
-            for u in [t, *typing.get_args(t)]:
-                if isinstance(u, type) and issubclass(u, BaseModel) and u is not model:
-                    subs[u] = "[]." if typing.get_origin(t) is list or subs.get(u) == "[]." else "."
-        for u, sep in subs.items():
-            out += _paths_named(u, name, path + sep)
+        for u, is_list in _section_models(info.annotation).items():
+            if u is not model:
+                out += _paths_named(u, name, path + ("[]." if is_list else "."))
     return list(dict.fromkeys(out))
 
 
