@@ -143,6 +143,7 @@ class OpenCvSource:
     def open(self) -> None:
         import cv2
 
+        quiet_native_logs()  # before OpenCV's FFmpeg backend opens (and fails) anything
         src = self.cam.source
         if self.kind == "device":
             self.cap = cv2.VideoCapture(int(src))
@@ -520,7 +521,6 @@ class CameraReader:
         self.on_status = on_status
         self.source_factory = source_factory
         self.stats = ReaderStats()
-        quiet_native_logs()
         self.status = STARTING
         self.status_since = time.monotonic()  # when `status` last changed
         self.detail: str | None = None

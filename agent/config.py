@@ -374,7 +374,7 @@ class WebSection(Section):
             v = os.environ.get(self.token_env)
             if v is None:
                 raise UserError(f"web.token_env: {env_var_named(self.token_env)} is not set")
-            where = f"web.token_env: environment variable {self.token_env}"
+            where = f"web.token_env: {env_var_named(self.token_env)}"
         elif self.token_file:
             p = Path(self.token_file)
             if not p.is_file():
