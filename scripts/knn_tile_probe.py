@@ -167,12 +167,13 @@ def main() -> None:
                     mu, sd, allk = position_stats(tr, size)
                     for norm in (a.norms.split(",") if name == "d" else ["pos"]):
                         if norm == "border":
-                            bins = [border_bins(*stitch(k, lay).shape) for k, lay in tr]
+                            st_tr = [stitch(k, lay) for k, lay in tr]
                             nb = (2 * 8 + 2) ** 2
-                            vals = [stitch(k, lay).ravel() for k, lay in tr]
-                            cnt = np.bincount(np.concatenate([b.ravel() for b in bins]), minlength=nb)
-                            s1 = np.bincount(np.concatenate([b.ravel() for b in bins]), np.concatenate(vals), nb)
-                            s2 = np.bincount(np.concatenate([b.ravel() for b in bins]), np.concatenate(vals) ** 2, nb)
+                            bins = np.concatenate([border_bins(*st.shape).ravel() for st in st_tr])
+                            vals = np.concatenate([st.ravel() for st in st_tr])
+                            cnt = np.bincount(bins, minlength=nb)
+                            s1 = np.bincount(bins, vals, nb)
+                            s2 = np.bincount(bins, vals ** 2, nb)
                             bm = s1 / np.maximum(cnt, 1)
                             bs = np.sqrt(np.maximum(s2 / np.maximum(cnt, 1) - bm ** 2, 0))
                             bs = np.maximum(bs, np.median(bs[cnt > 0]) * 0.25)
