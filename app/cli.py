@@ -148,6 +148,33 @@ def evaluate(
 
 
 @app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="evaluation A: a folder `mae-ad evaluate --out` wrote (or its scores.csv)")],
+    b: Annotated[Path, typer.Argument(help="evaluation B of the same test set")],
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
+    seed: Annotated[int, typer.Option(help="seed of the resampling")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the comparison as JSON to this new "
+                                                  "file")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """B against A on the same test set: each metric's difference with a 95 % paired bootstrap interval, and whether
+    the test set can tell them apart."""
+    setup_logging(verbose)
+    from mae_ad.compare import compare as run_compare
+    from mae_ad.compare import markdown
+    from mae_ad.contract import check_creatable, write_json_atomic
+
+    if json_out is not None:
+        check_creatable(json_out, "--json")
+        if json_out.exists() or json_out.is_symlink():
+            raise UserError(f"--json {json_out}: already exists; refusing to overwrite it (choose another name)")
+    r = run_compare(a, b, resamples=resamples, seed=seed)
+    typer.echo(markdown(r))
+    if json_out is not None:
+        write_json_atomic(json_out, r)
+
+
+@app.command()
 def predict(
     bundle: Annotated[Path, typer.Argument(help="model bundle")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],

@@ -406,12 +406,28 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     with staged_dir(out, "evaluation report") as d:
         write_json_atomic(d / "metrics.json", result)
         _write_scores_csv(d / "scores.csv", samples, data, scores, has_mask, threshold)
+        _write_pixel_histograms(d / PIXEL_HIST, samples, data, _pick(pair_masks, pix), _pick(pair_maps, pix),
+                                pix)
         (d / "plots").mkdir()
         plots = _write_plots(d / "plots", scorer, samples, images, masks, has_mask, maps, labels, defects,
                              scores, threshold, result, curves)
         (d / "report.md").write_text(_report_markdown(result, plots))
     log.info("evaluation written to %s", out)
     return result
+
+
+PIXEL_HIST = "pixel_hist.npz"
+
+
+def _write_pixel_histograms(path: Path, samples: list[Sample], root: Path, masks: list[np.ndarray],
+                            maps: list[np.ndarray], pix: np.ndarray) -> None:
+    """pixel_hist.npz: each pixel-metric image's normal- and defect-pixel counts on shared bins
+    (`metrics.pixel_histograms`), so `mae-ad compare` can resample pixel AUROC by image without the maps."""
+    edges, neg, pos = M.pixel_histograms(masks, maps)
+    rel = [str(s.path.relative_to(root) if s.path.is_relative_to(root) else s.path)
+           for s, use in zip(samples, pix, strict=True) if use]
+    np.savez_compressed(path, edges=edges, neg=neg.astype(np.uint32), pos=pos.astype(np.uint32),
+                        paths=np.array(rel, dtype=str))
 
 
 def _write_scores_csv(path: Path, samples: list[Sample], root: Path, scores: np.ndarray, has_mask: np.ndarray,

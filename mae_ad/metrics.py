@@ -131,6 +131,41 @@ def pixel_auroc(masks: Any, maps: Any) -> float | None:
     return auroc(np.concatenate([x.reshape(-1) for x in m]), np.concatenate([x.reshape(-1) for x in a]))
 
 
+def pixel_histograms(masks: Any, maps: Any, bins: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image pixel counts on one shared set of bins, for resampling pixel AUROC by image (`binned_auroc`):
+    (edges float64 [B + 1], normal-pixel counts int64 [N, B], defect-pixel counts int64 [N, B]). The edges are
+    quantiles of all pixels' values, so each bin holds about the same number of pixels and ties inside a bin cost
+    little; values equal to an edge go to the bin above it (the last bin is closed). masks/maps as `pixel_auroc`."""
+    m, a = _pairs(masks, maps)
+    if not m:
+        return np.zeros(2), np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64)
+    allv = np.concatenate([x.reshape(-1) for x in a]).astype(np.float64)
+    edges = np.unique(np.quantile(allv, np.linspace(0, 1, bins + 1)))
+    if edges.size < 2:
+        edges = np.array([edges[0], edges[0] + 1.0])
+    nb = edges.size - 1
+    neg = np.zeros((len(m), nb), np.int64)
+    pos = np.zeros((len(m), nb), np.int64)
+    for i, (mk, mp) in enumerate(zip(m, a, strict=True)):
+        idx = np.clip(np.searchsorted(edges, mp.reshape(-1), side="right") - 1, 0, nb - 1)
+        d = mk.reshape(-1) > 0.5
+        pos[i] = np.bincount(idx[d], minlength=nb)
+        neg[i] = np.bincount(idx[~d], minlength=nb)
+    return edges, neg, pos
+
+
+def binned_auroc(neg: np.ndarray, pos: np.ndarray) -> float | None:
+    """AUROC from binned counts (neg, pos [B] or [N, B], summed over images): the Mann-Whitney statistic with
+    pixels of one bin counted as ties. None without defect or without normal pixels."""
+    n = np.asarray(neg, np.float64).reshape(-1, np.shape(neg)[-1]).sum(0)
+    p = np.asarray(pos, np.float64).reshape(-1, np.shape(pos)[-1]).sum(0)
+    n_tot, p_tot = n.sum(), p.sum()
+    if n_tot == 0 or p_tot == 0:
+        return None
+    below = np.cumsum(n) - n  # normal pixels in lower bins
+    return float((p * (below + 0.5 * n)).sum() / (n_tot * p_tot))
+
+
 def pro_curve(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-region overlap curve as in the MVTec AD benchmark, computed exactly at every distinct map value.
 

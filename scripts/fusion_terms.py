@@ -3,7 +3,8 @@
 images, then test-split metrics for the reconstruction term alone, the kNN term alone, and three fusions: the plain
 sum, balanced (each term / σ) and inverse variance (each term / σ²), plus, with --weights, balanced sums with the
 reconstruction term scaled. Squashed bundles: at the model's input size; tiled bundles: stitched maps, pixel metrics
-at each image's own size. Test labels are read: a diagnostic, not a calibration.
+at each image's own size. Per type: image AUROC, then pixel AUROC (that type's images and the normal ones).
+Test labels are read: a diagnostic, not a calibration.
 
     python scripts/fusion_terms.py runs/mt --data ../shared/data/magnetic_tile --weights 0.25
 """
@@ -95,13 +96,16 @@ def main() -> None:
         per = {t: round(M.auroc(lab[sel], s[sel]), 3) for t in sorted(set(types) - {"good"})
                for sel in [np.array([y in ("good", t) for y in types])]}
         if spec is None:
-            pix = (M.pixel_auroc(np.stack(mk), np.stack(maps)), M.aupro(np.stack(mk), np.stack(maps)))
+            ms, up = list(mk), maps
         else:
             ms = [m for m, _ in mk]
             up = [stitched_to_source(mp, lay) for mp, (_, lay) in zip(maps, mk, strict=True)]
-            pix = (M.pixel_auroc(ms, up), M.aupro(ms, up))
+        pix = (M.pixel_auroc(ms, up), M.aupro(ms, up))
+        per_pix = {t: round(M.pixel_auroc([ms[i] for i in np.flatnonzero(sel)], [up[i] for i in np.flatnonzero(sel)]),
+                            3)
+                   for t in sorted(set(types) - {"good"}) for sel in [np.array([y in ("good", t) for y in types])]}
         print(f"{tag:22s} image AUROC {M.auroc(lab, s):.3f}  pixel AUROC {pix[0]:.3f}  "
-              f"AUPRO {pix[1]:.3f}  {per}", flush=True)
+              f"AUPRO {pix[1]:.3f}  {per}  pixel AUROC per type {per_pix}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ masks at each image's own size, as `mae-ad evaluate` does.
 
 Rows (image AUROC, pixel AUROC, AUPRO, per-type image AUROC):
 - `pos`: per-tile-pixel mean and std of the training maps (the product's rule; std floored at 0.25 x its median);
+- `role`: per-tile-pixel statistics kept apart by the tile's edge role (which of the image's borders it touches:
+  only / first / middle / last tile along each axis, 16 roles; a role pixel with under 10 training tiles takes the
+  pooled statistics);
 - `raw`: no normalisation; `mean`: per-pixel mean, one global std;
 - `border`: statistics of the stitched map binned by distance to the image's nearest top/bottom and left/right
   border (8-px bins up to 64 px; sides kept apart), instead of the tile pixel;
@@ -40,16 +43,49 @@ from mae_ad import metrics as M  # noqa: E402
 from mae_ad.bundle import load_bundle, load_scorer  # noqa: E402
 from mae_ad.calibrate import _bundle_training_paths, fit_knn_memory  # noqa: E402
 from mae_ad.scoring import gaussian_blur  # noqa: E402
-from mae_ad.tiling import TileLayout, TileSpec, input_policy, stitch, stitched_to_source  # noqa: E402
+from mae_ad.tiling import TileLayout, TileSpec, cut_tiles, input_policy, stitch, stitched_to_source  # noqa: E402
 
 FLIPS = {0: [[]], 1: [[], [3]], 2: [[], [3], [2], [2, 3]]}
 
 
+MARGIN = [0]  # --margin: reflection context around each image, in working pixels (set in main)
+
+
+def read_tiles(path: Path, spec: TileSpec) -> tuple[np.ndarray, TileLayout]:
+    """`D.read_image_tiles`, with the image first padded by reflection by MARGIN working pixels on every side."""
+    if not MARGIN[0]:
+        return D.read_image_tiles(path, spec)
+    img = D.read_image_placed(path, None)[0].transpose(1, 2, 0)
+    m = int(round(MARGIN[0] / spec.scale))
+    tiles, lay = cut_tiles(np.pad(img, [(m, m), (m, m), (0, 0)], mode="reflect"), spec)
+    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)), lay
+
+
+def margin_px(lay: TileLayout) -> tuple[int, int]:
+    """(rows, columns) of reflected margin on each side of the working image (0 without --margin)."""
+    if not MARGIN[0]:
+        return 0, 0
+    return MARGIN[0], MARGIN[0]
+
+
+def to_source(st: np.ndarray, lay: TileLayout) -> np.ndarray:
+    """A stitched map -> the image's own size, the margin dropped."""
+    if not MARGIN[0]:
+        return stitched_to_source(st, lay)
+    import cv2
+    my, mx = margin_px(lay)
+    m = int(round(MARGIN[0] / (lay.work_w / lay.src_w)))
+    core = np.ascontiguousarray(st[my:lay.work_h - my, mx:lay.work_w - mx])
+    return cv2.resize(core, (lay.src_w - 2 * m, lay.src_h - 2 * m), interpolation=cv2.INTER_LINEAR)
+
+
 def tile_valid(lay: TileLayout, s: int) -> np.ndarray:
     v = np.zeros((lay.n_tiles, s, s), bool)
+    my, mx = margin_px(lay)
     for i in range(lay.n_tiles):
         p = lay.tile_placement(i)
-        v[i, :p.height, :p.width] = True
+        top, left = lay.offsets[i]
+        v[i, max(0, my - top):min(p.height, lay.work_h - my - top), max(0, mx - left):min(p.width, lay.work_w - mx - left)] = True
     return v
 
 
@@ -61,6 +97,42 @@ def position_stats(maps: list[tuple[np.ndarray, TileLayout]], s: int) -> tuple[n
     mu = (allk * allv).sum(0) / np.maximum(n, 1)
     sd = np.sqrt((((allk - mu) ** 2) * allv).sum(0) / np.maximum(n - 1, 1))
     return mu, np.maximum(sd, np.median(sd[n >= 3]) * 0.25), allk[allv]
+
+
+def tile_roles(lay: TileLayout) -> np.ndarray:
+    """int [T]: each tile's edge role, 4 x (row role) + (column role), a role being 0 (the only tile along that axis),
+    1 (the first), 2 (a middle one) or 3 (the last): which of the image's borders the tile touches."""
+    ys = sorted({y for y, _ in lay.offsets})
+    xs = sorted({x for _, x in lay.offsets})
+
+    def role(v: int, vs: list[int]) -> int:
+        return 0 if len(vs) == 1 else 1 if v == vs[0] else 3 if v == vs[-1] else 2
+    return np.array([4 * role(y, ys) + role(x, xs) for y, x in lay.offsets])
+
+
+def role_stats(maps: list[tuple[np.ndarray, TileLayout]], s: int, min_n: int = 10
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """([16, S, S] mean, [16, S, S] floored std) per edge role and tile pixel; a role pixel with fewer than `min_n`
+    valid training tiles takes the pooled statistics."""
+    mu0, sd0, _ = position_stats(maps, s)
+    allk = np.concatenate([k for k, _ in maps])
+    allv = np.concatenate([tile_valid(lay, s) for _, lay in maps])
+    roles = np.concatenate([tile_roles(lay) for _, lay in maps])
+    mu = np.repeat(mu0[None], 16, 0)
+    sd = np.repeat(sd0[None], 16, 0)
+    floor = float(np.median(sd0)) * 0.25
+    for r in range(16):
+        sel = roles == r
+        if not sel.any():
+            continue
+        k, v = allk[sel], allv[sel]
+        n = v.sum(0)
+        m = (k * v).sum(0) / np.maximum(n, 1)
+        d = np.sqrt((((k - m) ** 2) * v).sum(0) / np.maximum(n - 1, 1))
+        ok = n >= min_n
+        mu[r][ok] = m[ok]
+        sd[r][ok] = np.maximum(d[ok], floor)
+    return mu, sd
 
 
 def border_bins(h: int, w: int, nbin: int = 8, q: int = 8) -> np.ndarray:
@@ -77,11 +149,15 @@ def main() -> None:
     ap.add_argument("--data", required=True, type=Path)
     ap.add_argument("--tiles", default="", help="tile sides in working px (default: the bundle's)")
     ap.add_argument("--scales", default="", help="working scales (default: the bundle's); several: also averaged")
+    ap.add_argument("--overlap", type=int, default=None, help="minimum tile overlap, working px (default: the bundle's)")
     ap.add_argument("--flips", default="0", help="0, 1 (horizontal) or 2 (both axes), comma-separated")
     ap.add_argument("--norms", default="pos", help="pos, raw, mean, border (comma-separated)")
+    ap.add_argument("--margin", type=int, default=0,
+                    help="pad each image by reflection by this many working px before tiling (ignored in maps)")
     ap.add_argument("--density", action="store_true", help="also the density-normalised distances (under pos)")
     a = ap.parse_args()
     torch.set_num_threads(2)
+    MARGIN[0] = a.margin
     sc, cal, _ = load_scorer(a.bundle, require_calibration=True)
     cfg, _, _ = load_bundle(a.bundle)
     base = input_policy(sc.data, sc.img_size)
@@ -111,17 +187,26 @@ def main() -> None:
         sc.img_size = size  # the kNN map is resampled to the tile; the backbone takes any multiple of its stride
         zs = []
         for scale in scales:
-            spec = TileSpec(size, base.overlap, scale)
+            spec = TileSpec(size, base.overlap if a.overlap is None else a.overlap, scale)
             c = copy.deepcopy(cfg)
             c.data.tile.scale, c.model.img_size = scale, size
-            fit_knn_memory(sc, c, train)
+            if MARGIN[0]:  # the memory from the same margin-padded tiles the maps are scored on
+                toks, own = [], []
+                with torch.no_grad():
+                    for i, p in enumerate(train):
+                        xt, _ = read_tiles(p, spec)
+                        toks.append(sc.normalise_input(torch.from_numpy(xt)))
+                        own.append(torch.full((len(xt),), i))
+                fit_knn_memory(sc, c, train, tokens=torch.cat(toks), item_image=torch.cat(own))
+            else:
+                fit_knn_memory(sc, c, train)
             bank, owner = sc.knn_bank, sc.knn_owner
             r = None
             if a.density:  # each memory cell's distance to its nearest training cell of another image
                 r = torch.full((bank.shape[0],), float("inf"))
             imgs = []  # each training image's tiles (the views are flipped before the backbone)
             for i, p in enumerate(train):
-                xt, lay = D.read_image_tiles(p, spec)
+                xt, lay = read_tiles(p, spec)
                 imgs.append((torch.from_numpy(xt), lay))
                 if r is not None:
                     with torch.no_grad():
@@ -159,9 +244,9 @@ def main() -> None:
                     trm = [(maps_of(x, i, flip), lay) for i, (x, lay) in enumerate(imgs)]
                     tem = []
                     for smp in test:
-                        xt, lay = D.read_image_tiles(smp.path, spec)
+                        xt, lay = read_tiles(smp.path, spec)
                         tem.append((maps_of(torch.from_numpy(xt), None, flip), lay))
-                head = f"tile {size}, scale {scale}, flips {flip}"
+                head = f"tile {size}, scale {scale}, overlap {spec.overlap}, flips {flip}"
                 for name in trm[0][0]:
                     tr = [(m[name], lay) for m, lay in trm]
                     mu, sd, allk = position_stats(tr, size)
@@ -182,9 +267,15 @@ def main() -> None:
                                 st = stitch(m[name], lay)
                                 b = border_bins(*st.shape)
                                 out.append(stitched_to_source((st - bm[b]) / bs[b], lay))
+                        elif norm == "role":
+                            rmu, rsd = role_stats(tr, size)
+                            out = []
+                            for m, lay in tem:
+                                ro = tile_roles(lay)
+                                out.append(to_source(stitch((m[name] - rmu[ro]) / rsd[ro], lay), lay))
                         else:
                             m0, s0 = {"pos": (mu, sd), "raw": (0.0, 1.0), "mean": (mu, float(allk.std()))}[norm]
-                            out = [stitched_to_source(stitch((m[name] - m0) / s0, lay), lay) for m, lay in tem]
+                            out = [to_source(stitch((m[name] - m0) / s0, lay), lay) for m, lay in tem]
                         report(f"{head}, {name}, {norm}", out)
                         if name == "d" and norm == "pos" and flip == flips[0]:
                             zs.append(out)

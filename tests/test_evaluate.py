@@ -99,6 +99,9 @@ def test_metrics_json_agrees_with_saved_scores(evaluated):
     for t, m in metrics["per_defect"].items():
         sel = np.array([r["defect"] in ("good", t) for r in rows])
         assert m["image_auroc"] == pytest.approx(M.auroc(labels[sel], scores[sel]))
+    with np.load(out / "pixel_hist.npz", allow_pickle=False) as z:  # what `mae-ad compare` resamples
+        assert M.binned_auroc(z["neg"], z["pos"]) == pytest.approx(metrics["pixel_auroc"], abs=2e-3)
+        assert set(z["paths"]) <= {r["path"] for r in rows} and len(z["paths"]) == metrics["n_pixel_metric_images"]
 
 
 def test_pixel_metrics_line_up_with_masks(tmp_path, monkeypatch):
