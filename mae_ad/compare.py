@@ -134,18 +134,11 @@ def check_same_test_set(a: Scored, b: Scored) -> None:
             raise UserError(f"{a.paths[i]!r}: labelled {da}/{la} in {a.source} but {db}/{lb} in {b.source}")
 
 
-def _f1(y: np.ndarray, f: np.ndarray) -> float:
-    tp = float((y * f).sum())
-    fp = float(((1 - y) * f).sum())
-    fn = float((y * (1 - f)).sum())
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
-
-
 def _metric_fns() -> dict[str, Any]:
     """name -> (fn(y, scores, flagged) -> float, higher_is_better)."""
     return {
         "image AUROC": (lambda y, s, f: M.auroc(y, s), True),
-        "F1 at threshold": (lambda y, s, f: _f1(y, f), True),
+        "F1 at threshold": (lambda y, s, f: M.f1_at(y, f, 0.5)["f1"], True),  # f: the decisions, 0 or 1
         "recall at threshold": (lambda y, s, f: float(f[y == 1].mean()), True),
         "false-alarm rate": (lambda y, s, f: float(f[y == 0].mean()), False),
     }

@@ -12,8 +12,9 @@ masks at each image's own size, as `mae-ad evaluate` does.
     python scripts/knn_tile_probe.py runs/mt --data ../shared/data/magnetic_tile --scales 1.0,1.25,1.6 --flips 0,1,2
     python scripts/knn_tile_probe.py runs/mt --data ../shared/data/magnetic_tile --norms pos,raw,mean,border --density
 
-Rows (image AUROC, pixel AUROC, AUPRO, per-type image AUROC):
+Rows (image AUROC, pixel AUROC, AUPRO, per-type image AUROC, per-type pixel AUROC):
 - `pos`: per-tile-pixel mean and std of the training maps (the product's rule; std floored at 0.25 x its median);
+- `hybrid`: `border` within 32 working px of the image's border, `pos` elsewhere;
 - `role`: per-tile-pixel statistics kept apart by the tile's edge role (which of the image's borders it touches:
   only / first / middle / last tile along each axis, 16 roles; a role pixel with under 10 training tiles takes the
   pooled statistics);
@@ -49,16 +50,31 @@ FLIPS = {0: [[]], 1: [[], [3]], 2: [[], [3], [2], [2, 3]]}
 
 
 MARGIN = [0]  # --margin: reflection context around each image, in working pixels (set in main)
+CANON = [False]  # --canon: tiles that touch the image's bottom (right) border are flipped vertically (horizontally)
+
+
+def canon_axes(lay: TileLayout) -> list[list[int]]:
+    """Per tile, the axes ([-2] rows, [-1] columns) to flip so the image borders it touches lie at its top/left."""
+    roles = tile_roles(lay)
+    return [[ax for ax, last in ((-2, r // 4 == 3), (-1, r % 4 == 3)) if last] if CANON[0] else [] for r in roles]
+
+
+def uncanon(maps: np.ndarray, lay: TileLayout) -> np.ndarray:
+    """Tile maps [T, S, S] in the canonical frame -> the image's frame."""
+    return np.stack([np.flip(m, ax) if ax else m for m, ax in zip(maps, canon_axes(lay), strict=True)])
 
 
 def read_tiles(path: Path, spec: TileSpec) -> tuple[np.ndarray, TileLayout]:
     """`D.read_image_tiles`, with the image first padded by reflection by MARGIN working pixels on every side."""
     if not MARGIN[0]:
-        return D.read_image_tiles(path, spec)
-    img = D.read_image_placed(path, None)[0].transpose(1, 2, 0)
-    m = int(round(MARGIN[0] / spec.scale))
-    tiles, lay = cut_tiles(np.pad(img, [(m, m), (m, m), (0, 0)], mode="reflect"), spec)
-    return np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)), lay
+        xt, lay = D.read_image_tiles(path, spec)
+    else:
+        img = D.read_image_placed(path, None)[0].transpose(1, 2, 0)
+        m = int(round(MARGIN[0] / spec.scale))
+        tiles, lay = cut_tiles(np.pad(img, [(m, m), (m, m), (0, 0)], mode="reflect"), spec)
+        xt = tiles.transpose(0, 3, 1, 2)
+    xt = np.stack([np.flip(t, ax) if ax else t for t, ax in zip(xt, canon_axes(lay), strict=True)])
+    return np.ascontiguousarray(xt), lay
 
 
 def margin_px(lay: TileLayout) -> tuple[int, int]:
@@ -152,12 +168,15 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=None, help="minimum tile overlap, working px (default: the bundle's)")
     ap.add_argument("--flips", default="0", help="0, 1 (horizontal) or 2 (both axes), comma-separated")
     ap.add_argument("--norms", default="pos", help="pos, raw, mean, border (comma-separated)")
+    ap.add_argument("--canon", action="store_true",
+                    help="flip tiles touching the bottom/right border so every border lies at a tile's top/left")
     ap.add_argument("--margin", type=int, default=0,
                     help="pad each image by reflection by this many working px before tiling (ignored in maps)")
     ap.add_argument("--density", action="store_true", help="also the density-normalised distances (under pos)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     MARGIN[0] = a.margin
+    CANON[0] = a.canon
     sc, cal, _ = load_scorer(a.bundle, require_calibration=True)
     cfg, _, _ = load_bundle(a.bundle)
     base = input_policy(sc.data, sc.img_size)
@@ -180,8 +199,10 @@ def main() -> None:
         s = np.array([m.max() for m in maps])
         per = {k: round(M.auroc(y[sel], s[sel]), 3) for k in sorted(set(kinds) - {"good"})
                for sel in [np.array([q in ("good", k) for q in kinds])]}
+        pix = {k: round(M.pixel_auroc([masks[i] for i in np.flatnonzero(sel)], [maps[i] for i in np.flatnonzero(sel)]),
+                        3) for k in sorted(set(kinds) - {"good"}) for sel in [np.array([q in ("good", k) for q in kinds])]}
         print(f"{tag:44s} image AUROC {M.auroc(y, s):.3f}  pixel AUROC {M.pixel_auroc(masks, maps):.3f}  "
-              f"AUPRO {M.aupro(masks, maps):.3f}  {per}", flush=True)
+              f"AUPRO {M.aupro(masks, maps):.3f}  {per}  pixel {pix}", flush=True)
 
     for size in tiles:
         sc.img_size = size  # the kNN map is resampled to the tile; the backbone takes any multiple of its stride
@@ -190,7 +211,7 @@ def main() -> None:
             spec = TileSpec(size, base.overlap if a.overlap is None else a.overlap, scale)
             c = copy.deepcopy(cfg)
             c.data.tile.scale, c.model.img_size = scale, size
-            if MARGIN[0]:  # the memory from the same margin-padded tiles the maps are scored on
+            if MARGIN[0] or CANON[0]:  # the memory from the same margin-padded (or flipped) tiles the maps are scored on
                 toks, own = [], []
                 with torch.no_grad():
                     for i, p in enumerate(train):
@@ -251,7 +272,7 @@ def main() -> None:
                     tr = [(m[name], lay) for m, lay in trm]
                     mu, sd, allk = position_stats(tr, size)
                     for norm in (a.norms.split(",") if name == "d" else ["pos"]):
-                        if norm == "border":
+                        if norm in ("border", "hybrid"):
                             st_tr = [stitch(k, lay) for k, lay in tr]
                             nb = (2 * 8 + 2) ** 2
                             bins = np.concatenate([border_bins(*st.shape).ravel() for st in st_tr])
@@ -266,7 +287,13 @@ def main() -> None:
                             for m, lay in tem:
                                 st = stitch(m[name], lay)
                                 b = border_bins(*st.shape)
-                                out.append(stitched_to_source((st - bm[b]) / bs[b], lay))
+                                z = (st - bm[b]) / bs[b]
+                                if norm == "hybrid":  # border statistics within 32 px of the image's border only
+                                    hh, ww = st.shape
+                                    d = np.minimum(np.minimum.outer(np.minimum(np.arange(hh), np.arange(hh)[::-1]),
+                                                                    np.minimum(np.arange(ww), np.arange(ww)[::-1])), 99)
+                                    z = np.where(d < 32, z, stitch((m[name] - mu) / sd, lay))
+                                out.append(stitched_to_source(z, lay))
                         elif norm == "role":
                             rmu, rsd = role_stats(tr, size)
                             out = []
@@ -275,7 +302,7 @@ def main() -> None:
                                 out.append(to_source(stitch((m[name] - rmu[ro]) / rsd[ro], lay), lay))
                         else:
                             m0, s0 = {"pos": (mu, sd), "raw": (0.0, 1.0), "mean": (mu, float(allk.std()))}[norm]
-                            out = [to_source(stitch((m[name] - m0) / s0, lay), lay) for m, lay in tem]
+                            out = [to_source(stitch(uncanon((m[name] - m0) / s0, lay), lay), lay) for m, lay in tem]
                         report(f"{head}, {name}, {norm}", out)
                         if name == "d" and norm == "pos" and flip == flips[0]:
                             zs.append(out)
