@@ -175,7 +175,8 @@ def _row(metric: str, subset: str, y: np.ndarray, va: float, vb: float, lo: floa
 def compare(a_dir: str | Path, b_dir: str | Path, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Compare evaluations A and B (folders of `mae-ad evaluate`, or their scores.csv). Returns {"a", "b",
     "resamples", "rows": [{metric, subset, n_normal, n_anomalous, a, b, diff, ci_low, ci_high, verdict}],
-    "pixel": [{metric, a, b}]}. Raises UserError for unreadable or mismatched inputs."""
+    "pixel": [{metric, a, b}], "notes": [why something was left out]}. Pixel metrics are left out when A and B
+    compared maps with masks at different sizes (metrics.json `eval_size`). Raises UserError for unreadable or mismatched inputs."""
     if resamples < 100:
         raise UserError(f"--resamples {resamples}: use at least 100 (2000 gives stable 95 % intervals)")
     A, B = read_scores(a_dir), read_scores(b_dir)
@@ -193,8 +194,14 @@ def compare(a_dir: str | Path, b_dir: str | Path, resamples: int = 2000, seed: i
             va, vb, lo, hi = paired_bootstrap(y[sel], (A.scores[sel], A.flagged[sel]), (B.scores[sel], B.flagged[sel]),
                                               fn, resamples, seed)
             rows.append(_row(name, sub, y[sel], va, vb, lo, hi, higher))
-    pixel_keys = ("pixel_auroc", "aupro")
-    if A.hist is not None and B.hist is not None and A.hist[0] == B.hist[0] and A.hist[0]:
+    pixel_keys: tuple[str, ...] = ("pixel_auroc", "aupro")
+    notes = []
+    sizes = (A.metrics.get("eval_size"), B.metrics.get("eval_size"))
+    if sizes[0] and sizes[1] and sizes[0] != sizes[1]:  # maps met the masks at different resolutions
+        pixel_keys = ()
+        notes.append(f"pixel metrics left out: A compared maps and masks at the {sizes[0]} size, B at the {sizes[1]} "
+                     "size (`mae-ad evaluate --eval-size`); evaluate both the same way to compare them")
+    elif A.hist is not None and B.hist is not None and A.hist[0] == B.hist[0] and A.hist[0]:
         pixel_keys = ("aupro",)
         label = dict(zip(A.paths, zip(A.defects, y, strict=True), strict=True))
         hp = A.hist[0]
@@ -214,7 +221,7 @@ def compare(a_dir: str | Path, b_dir: str | Path, resamples: int = 2000, seed: i
     pixel = [{"metric": k, "a": A.metrics.get(k), "b": B.metrics.get(k)} for k in pixel_keys
              if isinstance(A.metrics.get(k), float) or isinstance(B.metrics.get(k), float)]
     return {"a": str(A.source.parent), "b": str(B.source.parent), "resamples": resamples, "seed": seed,
-            "rows": rows, "pixel": pixel}
+            "rows": rows, "pixel": pixel, "notes": notes}
 
 
 def _num(v: Any) -> str:
@@ -236,4 +243,5 @@ def markdown(r: dict[str, Any]) -> str:
         diff = f"{b - a:+.3f}" if isinstance(a, float) and isinstance(b, float) else "-"
         lines.append(f"| {PIXEL_NAMES[p['metric']]} | pixels | {_num(a)} | {_num(b)} | {diff} | "
                      f"not resampled ({'maps' if p['metric'] == 'aupro' else 'pixel_hist.npz'} not saved) | |")
+    lines += [f"\nNote: {n}." for n in r.get("notes", [])]
     return "\n".join(lines)

@@ -176,3 +176,18 @@ def test_cli_prints_the_table_writes_json_and_refuses_to_overwrite_it(tmp_path):
     assert out.read_text() == before
     p = subprocess.run([MAE_AD, "compare", str(a), str(tmp_path / "nope")], capture_output=True, text=True)
     assert p.returncode == 2 and "nope" in p.stderr and "scores.csv" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_pixel_metrics_of_reports_at_different_eval_sizes_are_left_out_with_a_note(tmp_path):
+    paths, defects, y = _test_set(10, 6, 6)
+    rng = np.random.default_rng(7)
+    masks = [np.zeros((20, 24), bool) if t == "good" else rng.random((20, 24)) < 0.1 for t in defects]
+    maps = [rng.normal(size=m.shape) + m for m in masks]
+    s = rng.normal(size=len(y)) + y
+    a = _write_eval(tmp_path / "a", paths, defects, y, s, 9.0, (masks, maps))
+    b = _write_eval(tmp_path / "b", paths, defects, y, s, 9.0, (masks, maps))
+    (b / "metrics.json").write_text(json.dumps({"pixel_auroc": 0.9, "aupro": 0.8, "eval_size": "model"}))
+    (a / "metrics.json").write_text(json.dumps({"pixel_auroc": 0.9, "aupro": 0.8, "eval_size": "original"}))
+    r = compare(a, b, resamples=100)
+    assert not [x for x in r["rows"] if x["metric"] == "pixel AUROC"] and r["pixel"] == []
+    assert "--eval-size" in markdown(r) and "image AUROC" in markdown(r)
