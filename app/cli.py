@@ -149,9 +149,10 @@ def evaluate(
 
 @app.command()
 def compare(
-    a: Annotated[Path, typer.Argument(help="evaluation A: a folder `mae-ad evaluate --out` wrote (or its scores.csv)")],
-    b: Annotated[Path, typer.Argument(help="evaluation B of the same test set")],
-    resamples: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
+    a: Annotated[Path, typer.Argument(metavar="REPORT_A", help="evaluation A: a folder `mae-ad evaluate --out` "
+                                      "wrote (or its scores.csv)")],
+    b: Annotated[Path, typer.Argument(metavar="REPORT_B", help="evaluation B of the same test set")],
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples (at least 100)")] = 2000,
     seed: Annotated[int, typer.Option(help="seed of the resampling")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the comparison as JSON to this new "
                                                   "file")] = None,
@@ -171,6 +172,7 @@ def compare(
     r = run_compare(a, b, resamples=resamples, seed=seed)
     typer.echo(markdown(r))
     if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)  # check_creatable found no file in the way
         write_json_atomic(json_out, r)
 
 

@@ -57,10 +57,14 @@ class Scored:
 
 
 def _scores_file(where: Path) -> Path:
+    if not where.exists():
+        raise UserError(f"{where}: does not exist (give the folder `mae-ad evaluate --out` wrote, or its {SCORES})")
     p = where / SCORES if where.is_dir() else where
     if not p.is_file():
         raise UserError(f"{where}: no {SCORES} there (give the folder `mae-ad evaluate --out` wrote, or its "
                         f"{SCORES})")
+    if p.suffix.lower() != ".csv":
+        raise UserError(f"{where}: not a {SCORES} (give the folder `mae-ad evaluate --out` wrote, or its {SCORES})")
     return p
 
 
@@ -196,6 +200,12 @@ def compare(a_dir: str | Path, b_dir: str | Path, resamples: int = 2000, seed: i
             rows.append(_row(name, sub, y[sel], va, vb, lo, hi, higher))
     pixel_keys: tuple[str, ...] = ("pixel_auroc", "aupro")
     notes = []
+    if A.source.resolve() == B.source.resolve():
+        notes.append("A and B are the same report")
+    data = (A.metrics.get("data"), B.metrics.get("data"))
+    if data[0] and data[1] and Path(str(data[0])).resolve() != Path(str(data[1])).resolve():
+        notes.append(f"A was evaluated on {data[0]}, B on {data[1]}: the pairing assumes the same image behind each "
+                     "name")
     sizes = (A.metrics.get("eval_size"), B.metrics.get("eval_size"))
     if sizes[0] and sizes[1] and sizes[0] != sizes[1]:  # maps met the masks at different resolutions
         pixel_keys = ()
@@ -236,8 +246,13 @@ def markdown(r: dict[str, Any]) -> str:
              "|---|---|---:|---:|---:|---|---|"]
     for row in r["rows"]:
         what = row["metric"] if row["subset"] == "all" else f"{row['metric']}, {row['subset']}"
+        lo, hi, diff = row["ci_low"], row["ci_high"], row["diff"]
+        small = 0 < max(abs(lo), abs(hi), abs(diff)) < 0.0005  # more digits where 3 would print +0.000
+        f = "+.5f" if small else "+.3f"
+        verdict = row["verdict"] + (" (by less than 0.001)" if row["verdict"] != "no difference detected"
+                                    and abs(diff) < 0.001 else "")
         lines.append(f"| {what} | {row['n_normal']} / {row['n_anomalous']} | {row['a']:.3f} | {row['b']:.3f} | "
-                     f"{row['diff']:+.3f} | [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] | {row['verdict']} |")
+                     f"{diff:{f}} | [{lo:{f}}, {hi:{f}}] | {verdict} |")
     for p in r["pixel"]:
         a, b = p["a"], p["b"]
         diff = f"{b - a:+.3f}" if isinstance(a, float) and isinstance(b, float) else "-"

@@ -175,7 +175,41 @@ def test_cli_prints_the_table_writes_json_and_refuses_to_overwrite_it(tmp_path):
     assert p.returncode == 2 and "already exists" in p.stderr and "Traceback" not in p.stderr
     assert out.read_text() == before
     p = subprocess.run([MAE_AD, "compare", str(a), str(tmp_path / "nope")], capture_output=True, text=True)
-    assert p.returncode == 2 and "nope" in p.stderr and "scores.csv" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "nope: does not exist" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([MAE_AD, "compare", str(a), str(b / "metrics.json")], capture_output=True, text=True)
+    assert p.returncode == 2 and "not a scores.csv" in p.stderr and "Traceback" not in p.stderr
+    deep = tmp_path / "new" / "dir" / "cmp.json"  # missing folders are created
+    p = subprocess.run([MAE_AD, "compare", str(a), str(b), "--resamples", "100", "--json", str(deep)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(deep.read_text())["resamples"] == 100
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    p = subprocess.run([MAE_AD, "compare", str(a), str(b), "--json", str(blocker / "cmp.json")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "is a file" in p.stderr and "|" not in p.stdout  # refused before any work
+
+
+def test_notes_for_the_same_report_and_other_data_and_digits_for_tiny_differences(tmp_path):
+    paths, defects, y = _test_set(10, 6, 6)
+    rng = np.random.default_rng(8)
+    masks = [np.zeros((20, 24), bool) if t == "good" else rng.random((20, 24)) < 0.1 for t in defects]
+    maps = [rng.normal(size=m.shape) + 2 * m for m in masks]
+    s = rng.normal(size=len(y)) + y
+    a = _write_eval(tmp_path / "a", paths, defects, y, s, 9.0, (masks, maps))
+    assert "same report" in markdown(compare(a, a, resamples=100))
+    # B's maps: the same plus a tiny shift of the defect pixels: better, by far less than 0.001
+    shifted = [m + 0.002 * k for m, k in zip(maps, masks, strict=True)]
+    b = _write_eval(tmp_path / "b", paths, defects, y, s, 9.0, (masks, shifted))
+    for d, data in ((a, "/data/one"), (b, "/data/two")):
+        (d / "metrics.json").write_text(json.dumps({"aupro": 0.8, "data": data}))
+    r = compare(a, b, resamples=200)
+    px = _row(r, "pixel AUROC")
+    assert 0 < px["diff"] < 0.001
+    text = markdown(r)
+    line = next(x for x in text.splitlines() if x.startswith("| pixel AUROC |"))
+    assert "+0.000 |" not in line and "(by less than 0.001)" in line
+    assert "/data/one" in text and "/data/two" in text
 
 
 def test_pixel_metrics_of_reports_at_different_eval_sizes_are_left_out_with_a_note(tmp_path):
