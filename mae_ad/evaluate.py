@@ -401,7 +401,8 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     if baseline:
         result["baseline"] = _baseline_beside(scorer, cal, index, stack, masks, has_mask, labels, defects, places,
                                               full, tiles)
-        log.info("baseline beside: %s", {k: v for k, v in result["baseline"].items() if isinstance(v, float)})
+        log.info("baseline beside: %s", ", ".join(f"{k} {v:.4g}" for k, v in result["baseline"].items()
+                                                  if isinstance(v, float)))
 
     with staged_dir(out, "evaluation report") as d:
         write_json_atomic(d / "metrics.json", result)

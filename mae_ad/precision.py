@@ -137,9 +137,11 @@ def select_precision(scorer: Any, images: np.ndarray, threshold: float, setting:
     low = score_batches(scorer, images, "bf16")
     agree = int(((ref > threshold) == (low > threshold)).sum())
     choice = PrecisionChoice("bf16", wanted, len(images), agree)
-    if choice.agreement < min_agreement:
-        log.warning("precision bf16 refused: %d/%d decisions agree with fp32 (%.2f%% < %.2f%%); scoring in fp32",
-                    agree, len(images), 100 * choice.agreement, 100 * min_agreement)
+    if choice.agreement < min_agreement:  # a warning where bf16 was asked for; under auto an ordinary choice
+        asked = (setting or os.environ.get(ENV_VAR) or "auto") == "bf16"
+        log.log(logging.WARNING if asked else logging.INFO,
+                "precision bf16 refused: %d/%d decisions agree with fp32 (%.2f%% < %.2f%%); scoring in fp32",
+                agree, len(images), 100 * choice.agreement, 100 * min_agreement)
         choice.precision, choice.reason = "fp32", "bf16 decisions disagree"
     else:
         log.info("precision bf16: %d/%d decisions agree with fp32 on the calibration images", agree, len(images))

@@ -70,6 +70,10 @@ def test_bf16_falls_back_to_fp32_when_decisions_disagree(scorer_and_images, capl
         c = select_precision(scorer, images, thr, "bf16", flags=NATIVE)
     assert c.precision == "fp32" and c.wanted == "bf16" and c.agree == expect < 12
     assert "bf16 refused" in caplog.text
+    caplog.clear()  # under auto the refusal is an ordinary choice: logged, not warned
+    with caplog.at_level(logging.INFO, logger="mae_ad.precision"):
+        assert select_precision(scorer, images, thr, "auto", flags=NATIVE).precision == "fp32"
+    assert [r.levelno for r in caplog.records if "bf16 refused" in r.getMessage()] == [logging.INFO]
     # the same disagreement passes a gate set below it
     assert select_precision(scorer, images, thr, "bf16", min_agreement=expect / 12, flags=NATIVE).precision == "bf16"
 

@@ -209,3 +209,58 @@ def test_a_damaged_or_foreign_cache_entry_is_exported_again(eval_bundle, tmp_pat
     assert cached_onnx(eval_bundle) == (path, True) and whole() and path.stat().st_size == size
     path.write_bytes(b"another graph")  # replaced by something else behind the sidecar's back
     assert cached_onnx(eval_bundle) == (path, True) and whole() and path.stat().st_size == size
+
+
+def _fake_entry(root: Path, name: str, mb: float, mtime: float) -> Path:
+    import os
+
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "model.onnx").write_bytes(b"\0" * int(mb * (1 << 20)))
+    os.utime(d, (mtime, mtime))
+    return d
+
+
+def test_prune_removes_the_least_recently_used_entries_but_never_the_kept_one(tmp_path):
+    from trt.onnx_cache import prune
+
+    a, b, c, d = (_fake_entry(tmp_path, n, 1.0, t) for n, t in (("a", 100), ("b", 200), ("c", 300), ("d", 400)))
+    assert prune(tmp_path, a, 0) == []  # 0: no bound
+    removed = prune(tmp_path, a, int(2.5 * (1 << 20)))  # 4 MB -> at most 2.5: two go, the oldest but `a`
+    assert removed == [b, c] and a.is_dir() and d.is_dir()
+    assert prune(tmp_path, d, 3 << 20) == []  # already under the bound
+
+
+@pytest.mark.parametrize("raw, expect", [("", 2048 << 20), ("0", 0), ("1.5", int(1.5 * (1 << 20))), ("-1", None),
+                                         ("lots", None), ("nan", None)])
+def test_the_cache_bound_comes_from_the_environment(monkeypatch, raw, expect):
+    from trt.onnx_cache import cache_limit_bytes
+
+    monkeypatch.setenv("MAE_AD_CACHE_MAX_MB", raw)
+    if expect is None:
+        with pytest.raises(UserError, match="MAE_AD_CACHE_MAX_MB"):
+            cache_limit_bytes()
+    else:
+        assert cache_limit_bytes() == expect
+
+
+def test_a_new_export_evicts_the_least_recently_used_entry_over_the_bound(eval_bundle, tmp_path, monkeypatch,
+                                                                          caplog):
+    import os
+
+    from trt.onnx_cache import cached_onnx
+
+    monkeypatch.setenv("MAE_AD_CACHE", str(tmp_path / "cache"))
+    first, _ = cached_onnx(eval_bundle)
+    old = _fake_entry(first.parent.parent, "old", 0.1, 1.0)  # an entry last used long ago
+    os.utime(first.parent, (5.0, 5.0))
+    assert cached_onnx(eval_bundle) == (first, False) and first.parent.stat().st_mtime > 5.0  # a hit marks it used
+    copy = Path(shutil.copytree(eval_bundle, tmp_path / "copy"))
+    cal = copy / "calibration.json"
+    cal.write_text(cal.read_text().replace('"target_fpr"', '"note": "edited", "target_fpr"', 1))
+    bound = (sum(f.stat().st_size for f in first.parent.rglob("*") if f.is_file()) * 2 + (1 << 10)) / (1 << 20)
+    monkeypatch.setenv("MAE_AD_CACHE_MAX_MB", f"{bound:.6f}")  # room for two real entries, not for the third
+    with caplog.at_level(logging.INFO, logger="trt.onnx_cache"):
+        second, made = cached_onnx(copy)
+    assert made and second.is_file() and first.is_file() and not old.exists()
+    assert "removed" in caplog.text and "MAE_AD_CACHE_MAX_MB" in caplog.text
