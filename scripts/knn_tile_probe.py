@@ -50,6 +50,7 @@ FLIPS = {0: [[]], 1: [[], [3]], 2: [[], [3], [2], [2, 3]]}
 
 
 MARGIN = [0]  # --margin: reflection context around each image, in working pixels (set in main)
+FIT = [False]  # --fit-short: images with a side shorter than one tile are scaled up to fill it (no padding)
 CANON = [False]  # --canon: tiles that touch the image's bottom (right) border are flipped vertically (horizontally)
 
 
@@ -66,6 +67,9 @@ def uncanon(maps: np.ndarray, lay: TileLayout) -> np.ndarray:
 
 def read_tiles(path: Path, spec: TileSpec) -> tuple[np.ndarray, TileLayout]:
     """`D.read_image_tiles`, with the image first padded by reflection by MARGIN working pixels on every side."""
+    if FIT[0]:  # a side shorter than the tile: the whole image scaled up until it fills the tile
+        h, w = D.image_shape(path)
+        spec = TileSpec(spec.size, spec.overlap, max(spec.scale, spec.size / min(h, w) + 1e-6))
     if not MARGIN[0]:
         xt, lay = D.read_image_tiles(path, spec)
     else:
@@ -168,6 +172,8 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=None, help="minimum tile overlap, working px (default: the bundle's)")
     ap.add_argument("--flips", default="0", help="0, 1 (horizontal) or 2 (both axes), comma-separated")
     ap.add_argument("--norms", default="pos", help="pos, raw, mean, border (comma-separated)")
+    ap.add_argument("--fit-short", action="store_true",
+                    help="scale an image with a side shorter than one tile up until it fills the tile, not pad it")
     ap.add_argument("--canon", action="store_true",
                     help="flip tiles touching the bottom/right border so every border lies at a tile's top/left")
     ap.add_argument("--margin", type=int, default=0,
@@ -177,6 +183,7 @@ def main() -> None:
     torch.set_num_threads(2)
     MARGIN[0] = a.margin
     CANON[0] = a.canon
+    FIT[0] = a.fit_short
     sc, cal, _ = load_scorer(a.bundle, require_calibration=True)
     cfg, _, _ = load_bundle(a.bundle)
     base = input_policy(sc.data, sc.img_size)
@@ -211,7 +218,7 @@ def main() -> None:
             spec = TileSpec(size, base.overlap if a.overlap is None else a.overlap, scale)
             c = copy.deepcopy(cfg)
             c.data.tile.scale, c.model.img_size = scale, size
-            if MARGIN[0] or CANON[0]:  # the memory from the same margin-padded (or flipped) tiles the maps are scored on
+            if MARGIN[0] or CANON[0] or FIT[0]:  # the memory from the same margin-padded (or flipped) tiles the maps are scored on
                 toks, own = [], []
                 with torch.no_grad():
                     for i, p in enumerate(train):
