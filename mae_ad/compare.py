@@ -3,8 +3,8 @@ tell? (`mae-ad compare A B`, after `mae-ad evaluate` of each.)
 
 A test set of a few hundred images leaves image AUROC uncertain by a few hundredths, and per defect type more, so a
 difference of 0.01-0.02 between two recipes is often noise. This module reads both evaluations' `scores.csv` (one row
-per test image: path, defect type, label, score, the decision at the model's calibrated threshold), checks that they
-scored the same images with the same labels, and reports, for each image-level metric, A, B, the difference B - A and
+per test image: path, defect type, label, score, the decision at the model's calibrated threshold, the file's
+sha256), checks that they scored the same images (by name and, where both record it, by content) with the same labels, and reports, for each image-level metric, A, B, the difference B - A and
 its 95 % confidence interval from a paired, stratified bootstrap: each of `resamples` replicates draws the normal and
 the anomalous images of the comparison with replacement, each class apart so its count stays fixed (the stratified
 bootstrap of pROC: Robin et al., BMC Bioinformatics 12:77, 2011), and scores the same drawn images under both models,
@@ -54,6 +54,7 @@ class Scored:
     flagged: np.ndarray
     metrics: dict[str, Any]
     hist: tuple[list[str], np.ndarray, np.ndarray] | None = None  # pixel_hist.npz: paths, normal / defect counts
+    sha256: list[str] | None = None  # each image file's hash (reports written since the column exists)
 
 
 def _scores_file(where: Path) -> Path:
@@ -73,11 +74,13 @@ def read_scores(where: str | Path) -> Scored:
     and the line, for a missing file or column, a bad number or label, or a repeated path."""
     where = Path(where)
     p = _scores_file(where)
-    rows: dict[str, tuple[str, int, float, int]] = {}
+    rows: dict[str, tuple[str, int, float, int, str]] = {}
+    hashed = False
     try:
         with open(p, newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+            hashed = "sha256" in (reader.fieldnames or [])
             if missing:
                 raise UserError(f"{p}: missing column(s) {', '.join(missing)} (a scores.csv of `mae-ad evaluate` "
                                 f"has {', '.join(COLUMNS)})")
@@ -93,7 +96,7 @@ def read_scores(where: str | Path) -> Scored:
                     raise UserError(f"{p}, line {i}: score {r['score']!r} is not a finite number")
                 if r["path"] in rows:
                     raise UserError(f"{p}, line {i}: {r['path']!r} appears twice")
-                rows[r["path"]] = (r["defect"], label, score, flagged)
+                rows[r["path"]] = (r["defect"], label, score, flagged, (r.get("sha256") or "") if hashed else "")
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{p}: cannot read it as a CSV file ({e})") from None
     if not rows:
@@ -108,7 +111,8 @@ def read_scores(where: str | Path) -> Scored:
             metrics = {}
     return Scored(p, keys, [rows[k][0] for k in keys], np.array([rows[k][1] for k in keys]),
                   np.array([rows[k][2] for k in keys], np.float64), np.array([rows[k][3] for k in keys]),
-                  metrics if isinstance(metrics, dict) else {}, _read_hist(p.parent / PIXEL_HIST))
+                  metrics if isinstance(metrics, dict) else {}, _read_hist(p.parent / PIXEL_HIST),
+                  [rows[k][4] for k in keys] if hashed else None)
 
 
 def _read_hist(p: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
@@ -126,7 +130,8 @@ def _read_hist(p: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
 
 
 def check_same_test_set(a: Scored, b: Scored) -> None:
-    """Raise UserError unless `a` and `b` scored the same images with the same labels and defect types."""
+    """Raise UserError unless `a` and `b` scored the same images (names, and file hashes where both have them) with
+    the same labels and defect types."""
     if a.paths != b.paths:
         only_a = sorted(set(a.paths) - set(b.paths))
         only_b = sorted(set(b.paths) - set(a.paths))
@@ -136,6 +141,11 @@ def check_same_test_set(a: Scored, b: Scored) -> None:
     for i, (la, lb, da, db) in enumerate(zip(a.labels, b.labels, a.defects, b.defects, strict=True)):
         if la != lb or da != db:
             raise UserError(f"{a.paths[i]!r}: labelled {da}/{la} in {a.source} but {db}/{lb} in {b.source}")
+    if a.sha256 is not None and b.sha256 is not None:
+        for i, (ha, hb) in enumerate(zip(a.sha256, b.sha256, strict=True)):
+            if ha and hb and ha != hb:
+                raise UserError(f"{a.paths[i]!r}: a different image file behind this name in {a.source} and in "
+                                f"{b.source} (its sha256 differs): compare evaluations of the same test images")
 
 
 def _metric_fns() -> dict[str, Any]:

@@ -32,6 +32,7 @@ from .contract import (
     read_bundle_meta,
     read_calibration,
     refuse_existing_out,
+    sha256_file,
     write_json_atomic,
 )
 from .data import (
@@ -435,10 +436,11 @@ def _write_scores_csv(path: Path, samples: list[Sample], root: Path, scores: np.
                       threshold: float) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "defect", "label", "has_mask", "score", "anomalous"])
+        w.writerow(["path", "defect", "label", "has_mask", "score", "anomalous", "sha256"])
         for s, sc, hm in zip(samples, scores, has_mask, strict=True):
             rel = s.path.relative_to(root) if s.path.is_relative_to(root) else s.path
-            w.writerow([str(rel), s.defect, s.label, int(bool(hm)), repr(float(sc)), int(sc > threshold)])
+            w.writerow([str(rel), s.defect, s.label, int(bool(hm)), repr(float(sc)), int(sc > threshold),
+                        sha256_file(s.path)])  # the file's bytes: `mae-ad compare` pairs images, not just names
 
 
 # --- plots (matplotlib Figure objects with the Agg canvas: no pyplot, no global state) --------------------------

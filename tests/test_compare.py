@@ -225,3 +225,21 @@ def test_pixel_metrics_of_reports_at_different_eval_sizes_are_left_out_with_a_no
     r = compare(a, b, resamples=100)
     assert not [x for x in r["rows"] if x["metric"] == "pixel AUROC"] and r["pixel"] == []
     assert "--eval-size" in markdown(r) and "image AUROC" in markdown(r)
+
+
+def test_a_different_image_behind_the_same_name_is_refused_by_its_hash(tmp_path):
+    paths, defects, y = _test_set()
+    s = np.linspace(0, 1, len(y))
+    a = _write_eval(tmp_path / "a", paths, defects, y, s, 1.0)
+    b = _write_eval(tmp_path / "b", paths, defects, y, s, 1.0)
+    for d, odd in ((a, None), (b, 3)):  # add the file-hash column; B's fourth image differs
+        rows = list(csv.reader(open(d / "scores.csv")))
+        rows[0].append("sha256")
+        for i, r in enumerate(rows[1:]):
+            r.append(("f" if i == odd else "e") * 64)
+        with open(d / "scores.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    with pytest.raises(UserError, match="test/good/003.png.*sha256"):
+        compare(a, b)
+    plain = _write_eval(tmp_path / "c", paths, defects, y, s, 1.0)  # a report without hashes is compared by name
+    assert compare(a, plain, resamples=100)["rows"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 import subprocess
@@ -96,6 +97,8 @@ def test_metrics_json_agrees_with_saved_scores(evaluated):
     assert metrics["f1"] == pytest.approx(M.f1_at(labels, scores, thr)["f1"])
     assert metrics["f1_oracle_best"] == pytest.approx(M.best_f1(labels, scores)["f1"])
     assert [int(r["anomalous"]) for r in rows] == [int(s > thr) for s in scores]
+    data = Path(metrics["data"])
+    assert all(r["sha256"] == hashlib.sha256((data / r["path"]).read_bytes()).hexdigest() for r in rows)
     for t, m in metrics["per_defect"].items():
         sel = np.array([r["defect"] in ("good", t) for r in rows])
         assert m["image_auroc"] == pytest.approx(M.auroc(labels[sel], scores[sel]))
