@@ -34,6 +34,9 @@ def test_scores_for_every_camera_stats_health_and_clean_stop(tmp_path, broker, r
         assert recorder.wait_for(lambda: len(recorder.json("stats")) >= 1, 10)
         assert wait_until(lambda: at.agent.health_server is not None, 5)
         port = at.agent.health_server.port
+        # an alert raised on a frame may wait a moment for the broker's acknowledgement: with the broker up the
+        # spool drains, and only then is "nothing waiting" the state to check
+        assert wait_until(lambda: at.agent.spool.depth == 0, 10)
         health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
