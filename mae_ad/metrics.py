@@ -131,16 +131,22 @@ def pixel_auroc(masks: Any, maps: Any) -> float | None:
     return auroc(np.concatenate([x.reshape(-1) for x in m]), np.concatenate([x.reshape(-1) for x in a]))
 
 
-def pixel_histograms(masks: Any, maps: Any, bins: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pixel_histograms(masks: Any, maps: Any, bins: int = 4096, max_sample: int = 1 << 22
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-image pixel counts on one shared set of bins, for resampling pixel AUROC by image (`binned_auroc`):
     (edges float64 [B + 1], normal-pixel counts int64 [N, B], defect-pixel counts int64 [N, B]). The edges are
-    quantiles of all pixels' values, so each bin holds about the same number of pixels and ties inside a bin cost
-    little; values equal to an edge go to the bin above it (the last bin is closed). masks/maps as `pixel_auroc`."""
+    quantiles of the pixels' values (of at most `max_sample` of them, drawn with a fixed seed, plus the extremes), so
+    each bin holds about the same number of pixels and ties inside a bin cost little; values equal to an edge go to
+    the bin above it (the last bin is closed). masks/maps as `pixel_auroc`."""
     m, a = _pairs(masks, maps)
     if not m:
         return np.zeros(2), np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64)
-    allv = np.concatenate([x.reshape(-1) for x in a]).astype(np.float64)
-    edges = np.unique(np.quantile(allv, np.linspace(0, 1, bins + 1)))
+    allv = np.concatenate([x.reshape(-1) for x in a])  # the maps' own dtype: edges equal to values stay equal
+    sample = allv
+    if allv.size > max_sample:  # the edges need only be about equal-frequency
+        sample = np.concatenate([np.random.default_rng(0).choice(allv, max_sample, replace=False),
+                                 [allv.min(), allv.max()]])
+    edges = np.unique(np.quantile(sample.astype(np.float64), np.linspace(0, 1, bins + 1)))
     if edges.size < 2:
         edges = np.array([edges[0], edges[0] + 1.0])
     nb = edges.size - 1

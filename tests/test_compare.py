@@ -125,6 +125,10 @@ def test_binned_auroc_matches_the_exact_pixel_auroc():
     assert neg.shape[0] == len(masks) and neg.sum() + pos.sum() == sum(m.size for m in masks)
     assert M.binned_auroc(neg, pos) == pytest.approx(M.pixel_auroc(masks, maps), abs=1e-6)
     assert M.binned_auroc(neg[8:], pos[8:]) is None  # only normal pixels
+    smooth = [rng.normal(size=m.shape) + 1.5 * m for m in masks]  # edges from a sample of the pixels
+    _, neg, pos = M.pixel_histograms(masks, smooth, bins=256, max_sample=2000)
+    assert neg.sum() + pos.sum() == sum(m.size for m in masks)
+    assert M.binned_auroc(neg, pos) == pytest.approx(M.pixel_auroc(masks, smooth), abs=2e-3)
 
 
 def test_different_test_sets_are_refused_naming_the_image(tmp_path):
