@@ -163,16 +163,15 @@ def compare(
     setup_logging(verbose)
     from mae_ad.compare import compare as run_compare
     from mae_ad.compare import markdown
-    from mae_ad.contract import check_creatable, write_json_atomic
+    from mae_ad.contract import write_json_atomic
+    from trt.artifacts import refuse_existing
 
     if json_out is not None:
-        check_creatable(json_out, "--json")
-        if json_out.exists() or json_out.is_symlink():
-            raise UserError(f"--json {json_out}: already exists; refusing to overwrite it (choose another name)")
+        refuse_existing(json_out, what="comparison", option="--json")
     r = run_compare(a, b, resamples=resamples, seed=seed)
     typer.echo(markdown(r))
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)  # check_creatable found no file in the way
+        json_out.parent.mkdir(parents=True, exist_ok=True)  # refuse_existing found no file in the way
         write_json_atomic(json_out, r)
 
 

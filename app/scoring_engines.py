@@ -11,14 +11,13 @@ given graph of the same model (e.g. an int8 one from `mae-ad quantize`).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from mae_ad.contract import OnnxMeta, UserError, read_bundle_meta
 from mae_ad.evaluate import ENGINES, ScoringEngine
-from mae_ad.precision import ENV_VAR, PRECISIONS
+from mae_ad.precision import ENV_VAR, PRECISIONS, precision_setting
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ def open_scoring_engine(bundle: Path, engine: str = "auto", onnx: Path | None = 
         raise UserError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     # the torch precision, from --precision or $MAE_AD_PRECISION: checked whatever the engine, and bf16 (from
     # either) means the torch engine, the only one that has it
-    setting = precision or os.environ.get(ENV_VAR) or "auto"
+    setting = precision_setting(precision)
     source = "--precision" if precision else f"${ENV_VAR}"
     if setting not in PRECISIONS:
         raise UserError(f"{source} {setting!r}: choose one of {', '.join(PRECISIONS)}")

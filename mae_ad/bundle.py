@@ -59,10 +59,11 @@ def state_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_id(d: Path, name: str, calibration: dict[str, Any] | None, weights_sha256: str) -> str:
-    """`<name>-<12 hex>`: a SHA-256 over the weights (`weights_sha256`, their file's hash) and, for a calibrated bundle, the threshold and the calibration
-    tensors (position statistics, kNN memory, fusion divisors) in `d`. A re-calibration that changes how images are
-    scored gets a new id (the id the agent publishes beside every score, and that `evaluate --engine` checks); only
-    one that reproduces the calibration bit for bit keeps it. `weights_sha256` names the trained weights alone."""
+    """`<name>-<12 hex>`: a SHA-256 over the weights (`weights_sha256`, their file's hash) and, for a calibrated
+    bundle, the threshold and the calibration tensors (position statistics, kNN memory, fusion divisors) in `d`. A
+    re-calibration that changes how images are scored gets a new id (the id the agent publishes beside every score,
+    and that `evaluate --engine` checks); only one that reproduces the calibration bit for bit keeps it.
+    `weights_sha256` names the trained weights alone."""
     h = hashlib.sha256(weights_sha256.encode())
     if calibration is not None:
         h.update(repr(float(calibration["threshold"])).encode())

@@ -4,10 +4,11 @@ tell? (`mae-ad compare A B`, after `mae-ad evaluate` of each.)
 A test set of a few hundred images leaves image AUROC uncertain by a few hundredths, and per defect type more, so a
 difference of 0.01-0.02 between two recipes is often noise. This module reads both evaluations' `scores.csv` (one row
 per test image: path, defect type, label, score, the decision at the model's calibrated threshold, the file's
-sha256), checks that they scored the same images (by name and, where both record it, by content) with the same labels, and reports, for each image-level metric, A, B, the difference B - A and
-its 95 % confidence interval from a paired, stratified bootstrap: each of `resamples` replicates draws the normal and
-the anomalous images of the comparison with replacement, each class apart so its count stays fixed (the stratified
-bootstrap of pROC: Robin et al., BMC Bioinformatics 12:77, 2011), and scores the same drawn images under both models,
+sha256), checks that they scored the same images (by name and, where both record it, by content) with the same
+labels, and reports, for each image-level metric, A, B, the difference B - A and its 95 % confidence interval
+from a paired, stratified bootstrap: each of `resamples` replicates draws the normal and the anomalous images of
+the comparison with replacement, each class apart so its count stays fixed (the stratified bootstrap of pROC: Robin
+et al., BMC Bioinformatics 12:77, 2011), and scores the same drawn images under both models,
 so what the two models share (the same hard images) cancels in the difference (Efron and Tibshirani, "An Introduction
 to the Bootstrap", 1993, ch. 13: percentile intervals).
 
@@ -36,7 +37,7 @@ from . import metrics as M
 from .contract import UserError
 
 SCORES = "scores.csv"
-PIXEL_HIST = "pixel_hist.npz"
+PIXEL_HIST = M.PIXEL_HIST
 PIXEL_NAMES = {"pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
 COLUMNS = ("path", "defect", "label", "score", "anomalous")
 
@@ -186,11 +187,35 @@ def _row(metric: str, subset: str, y: np.ndarray, va: float, vb: float, lo: floa
             "verdict": "B better" if better else "B worse" if worse else "no difference detected"}
 
 
+def _pixel_auroc_rows(A: Scored, B: Scored, types: list[str], resamples: int, seed: int) -> list[dict[str, Any]]:
+    """Pixel AUROC rows (all, and per type when there are several) resampled by image from the two reports' pixel
+    histograms, which name the same images (in A's order)."""
+    assert A.hist is not None and B.hist is not None
+    label = dict(zip(A.paths, zip(A.defects, A.labels, strict=True), strict=True))
+    hp = A.hist[0]
+    if any(q not in label for q in hp):
+        raise UserError(f"{A.source.parent / PIXEL_HIST}: names images that {A.source} does not list")
+    hy = np.array([label[q][1] for q in hp])
+    hd = np.array([label[q][0] for q in hp])
+    if hy.min() == hy.max():
+        return []
+    subs = [("all", np.ones(len(hp), bool))]
+    if len(types) > 1:
+        subs += [(t, (hy == 0) | (hd == t)) for t in types if (hd == t).any()]
+    rows = []
+    for sub, sel in subs:
+        va, vb, lo, hi = paired_bootstrap(hy[sel], (A.hist[1][sel], A.hist[2][sel]), (B.hist[1][sel], B.hist[2][sel]),
+                                          lambda _y, neg, pos: M.binned_auroc(neg, pos), resamples, seed)
+        rows.append(_row("pixel AUROC", sub, hy[sel], va, vb, lo, hi, True))
+    return rows
+
+
 def compare(a_dir: str | Path, b_dir: str | Path, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Compare evaluations A and B (folders of `mae-ad evaluate`, or their scores.csv). Returns {"a", "b",
     "resamples", "rows": [{metric, subset, n_normal, n_anomalous, a, b, diff, ci_low, ci_high, verdict}],
     "pixel": [{metric, a, b}], "notes": [why something was left out]}. Pixel metrics are left out when A and B
-    compared maps with masks at different sizes (metrics.json `eval_size`). Raises UserError for unreadable or mismatched inputs."""
+    compared maps with masks at different sizes (metrics.json `eval_size`). Raises UserError for unreadable or
+    mismatched inputs."""
     if resamples < 100:
         raise UserError(f"--resamples {resamples}: use at least 100 (2000 gives stable 95 % intervals)")
     A, B = read_scores(a_dir), read_scores(b_dir)
@@ -223,21 +248,7 @@ def compare(a_dir: str | Path, b_dir: str | Path, resamples: int = 2000, seed: i
                      "size (`mae-ad evaluate --eval-size`); evaluate both the same way to compare them")
     elif A.hist is not None and B.hist is not None and A.hist[0] == B.hist[0] and A.hist[0]:
         pixel_keys = ("aupro",)
-        label = dict(zip(A.paths, zip(A.defects, y, strict=True), strict=True))
-        hp = A.hist[0]
-        if any(q not in label for q in hp):
-            raise UserError(f"{A.source.parent / PIXEL_HIST}: names images that {A.source} does not list")
-        hy = np.array([label[q][1] for q in hp])
-        hd = np.array([label[q][0] for q in hp])
-        if hy.min() != hy.max():
-            psubs = [("all", np.ones(len(hp), bool))]
-            if len(types) > 1:
-                psubs += [(t, (hy == 0) | (hd == t)) for t in types if (hd == t).any()]
-            for sub, sel in psubs:
-                va, vb, lo, hi = paired_bootstrap(hy[sel], (A.hist[1][sel], A.hist[2][sel]),
-                                                  (B.hist[1][sel], B.hist[2][sel]),
-                                                  lambda _y, neg, pos: M.binned_auroc(neg, pos), resamples, seed)
-                rows.append(_row("pixel AUROC", sub, hy[sel], va, vb, lo, hi, True))
+        rows += _pixel_auroc_rows(A, B, types, resamples, seed)
     pixel = [{"metric": k, "a": A.metrics.get(k), "b": B.metrics.get(k)} for k in pixel_keys
              if isinstance(A.metrics.get(k), float) or isinstance(B.metrics.get(k), float)]
     return {"a": str(A.source.parent), "b": str(B.source.parent), "resamples": resamples, "seed": seed,

@@ -408,7 +408,7 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     with staged_dir(out, "evaluation report") as d:
         write_json_atomic(d / "metrics.json", result)
         _write_scores_csv(d / "scores.csv", samples, data, scores, has_mask, threshold)
-        _write_pixel_histograms(d / PIXEL_HIST, samples, data, _pick(pair_masks, pix), _pick(pair_maps, pix),
+        _write_pixel_histograms(d / M.PIXEL_HIST, samples, data, _pick(pair_masks, pix), _pick(pair_maps, pix),
                                 pix)
         (d / "plots").mkdir()
         plots = _write_plots(d / "plots", scorer, samples, images, masks, has_mask, maps, labels, defects,
@@ -418,7 +418,9 @@ def run_evaluation(bundle: str | os.PathLike[str], data: str | os.PathLike[str],
     return result
 
 
-PIXEL_HIST = "pixel_hist.npz"
+def _rel_path(path: Path, root: Path) -> str:
+    """How scores.csv and pixel_hist.npz name a test image: relative to the dataset root where it lies under it."""
+    return str(path.relative_to(root) if path.is_relative_to(root) else path)
 
 
 def _write_pixel_histograms(path: Path, samples: list[Sample], root: Path, masks: list[np.ndarray],
@@ -426,8 +428,7 @@ def _write_pixel_histograms(path: Path, samples: list[Sample], root: Path, masks
     """pixel_hist.npz: each pixel-metric image's normal- and defect-pixel counts on shared bins
     (`metrics.pixel_histograms`), so `mae-ad compare` can resample pixel AUROC by image without the maps."""
     edges, neg, pos = M.pixel_histograms(masks, maps)
-    rel = [str(s.path.relative_to(root) if s.path.is_relative_to(root) else s.path)
-           for s, use in zip(samples, pix, strict=True) if use]
+    rel = [_rel_path(s.path, root) for s, use in zip(samples, pix, strict=True) if use]
     np.savez_compressed(path, edges=edges, neg=neg.astype(np.uint32), pos=pos.astype(np.uint32),
                         paths=np.array(rel, dtype=str))
 
@@ -438,9 +439,8 @@ def _write_scores_csv(path: Path, samples: list[Sample], root: Path, scores: np.
         w = csv.writer(f)
         w.writerow(["path", "defect", "label", "has_mask", "score", "anomalous", "sha256"])
         for s, sc, hm in zip(samples, scores, has_mask, strict=True):
-            rel = s.path.relative_to(root) if s.path.is_relative_to(root) else s.path
-            w.writerow([str(rel), s.defect, s.label, int(bool(hm)), repr(float(sc)), int(sc > threshold),
-                        sha256_file(s.path)])  # the file's bytes: `mae-ad compare` pairs images, not just names
+            w.writerow([_rel_path(s.path, root), s.defect, s.label, int(bool(hm)), repr(float(sc)),
+                        int(sc > threshold), sha256_file(s.path)])  # the file's bytes: `mae-ad compare` pairs images, not just names
 
 
 # --- plots (matplotlib Figure objects with the Agg canvas: no pyplot, no global state) --------------------------

@@ -131,6 +131,9 @@ def pixel_auroc(masks: Any, maps: Any) -> float | None:
     return auroc(np.concatenate([x.reshape(-1) for x in m]), np.concatenate([x.reshape(-1) for x in a]))
 
 
+PIXEL_HIST = "pixel_hist.npz"  # an evaluation report's `pixel_histograms` (written by evaluate, read by compare)
+
+
 def pixel_histograms(masks: Any, maps: Any, bins: int = 4096, max_sample: int = 1 << 22
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-image pixel counts on one shared set of bins, for resampling pixel AUROC by image (`binned_auroc`):

@@ -57,9 +57,14 @@ def native_bf16(flags: list[str]) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def precision_setting(setting: str | None = None) -> str:
+    """The precision setting in force, unchecked: `setting`, else $MAE_AD_PRECISION, else `auto`."""
+    return setting or os.environ.get(ENV_VAR) or "auto"
+
+
 def resolve_precision(setting: str | None = None, flags: list[str] | None = None) -> str:
     """`fp32` or `bf16` for a setting (None: $MAE_AD_PRECISION, else `auto`). UserError on an unknown setting."""
-    setting = setting or os.environ.get(ENV_VAR) or "auto"
+    setting = precision_setting(setting)
     if setting not in PRECISIONS:
         raise UserError(f"precision {setting!r}: choose one of {', '.join(PRECISIONS)}")
     flags = cpu_isa_flags() if flags is None else flags
@@ -138,7 +143,7 @@ def select_precision(scorer: Any, images: np.ndarray, threshold: float, setting:
     agree = int(((ref > threshold) == (low > threshold)).sum())
     choice = PrecisionChoice("bf16", wanted, len(images), agree)
     if choice.agreement < min_agreement:  # a warning where bf16 was asked for; under auto an ordinary choice
-        asked = (setting or os.environ.get(ENV_VAR) or "auto") == "bf16"
+        asked = precision_setting(setting) == "bf16"
         log.log(logging.WARNING if asked else logging.INFO,
                 "precision bf16 refused: %d/%d decisions agree with fp32 (%.2f%% < %.2f%%); scoring in fp32",
                 agree, len(images), 100 * choice.agreement, 100 * min_agreement)

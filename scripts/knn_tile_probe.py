@@ -81,11 +81,9 @@ def read_tiles(path: Path, spec: TileSpec) -> tuple[np.ndarray, TileLayout]:
     return np.ascontiguousarray(xt), lay
 
 
-def margin_px(lay: TileLayout) -> tuple[int, int]:
-    """(rows, columns) of reflected margin on each side of the working image (0 without --margin)."""
-    if not MARGIN[0]:
-        return 0, 0
-    return MARGIN[0], MARGIN[0]
+def margin_px() -> int:
+    """Working pixels of reflected margin on each side of the working image (0 without --margin)."""
+    return MARGIN[0]
 
 
 def to_source(st: np.ndarray, lay: TileLayout) -> np.ndarray:
@@ -93,7 +91,7 @@ def to_source(st: np.ndarray, lay: TileLayout) -> np.ndarray:
     if not MARGIN[0]:
         return stitched_to_source(st, lay)
     import cv2
-    my, mx = margin_px(lay)
+    my = mx = margin_px()
     m = int(round(MARGIN[0] / (lay.work_w / lay.src_w)))
     core = np.ascontiguousarray(st[my:lay.work_h - my, mx:lay.work_w - mx])
     return cv2.resize(core, (lay.src_w - 2 * m, lay.src_h - 2 * m), interpolation=cv2.INTER_LINEAR)
@@ -101,7 +99,7 @@ def to_source(st: np.ndarray, lay: TileLayout) -> np.ndarray:
 
 def tile_valid(lay: TileLayout, s: int) -> np.ndarray:
     v = np.zeros((lay.n_tiles, s, s), bool)
-    my, mx = margin_px(lay)
+    my = mx = margin_px()
     for i in range(lay.n_tiles):
         p = lay.tile_placement(i)
         top, left = lay.offsets[i]

@@ -81,14 +81,14 @@ def bundle_sha256(bundle: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def refuse_existing(*paths: Path, what: str) -> None:
+def refuse_existing(*paths: Path, what: str, option: str = "--out") -> None:
     """UserError when any of `paths` exists (a dangling symbolic link counts: writing would replace it), or when the
-    first cannot be created (an ancestor is a file)."""
+    first cannot be created (an ancestor is a file); `option` names the command-line option that chose them."""
     if paths:
-        check_creatable(paths[0])
+        check_creatable(paths[0], option)
     for p in paths:
         if p.exists() or p.is_symlink():
-            raise UserError(f"{p}: already exists; refusing to overwrite the {what} (choose another --out)")
+            raise UserError(f"{p}: already exists; refusing to overwrite the {what} (choose another {option})")
 
 
 @contextmanager
